@@ -1,0 +1,440 @@
+"""Fixed-bound clippers; the names shared with optax 0.2.8 are drop-ins.
+
+Each clipper is a thin preset over the kernels in ``_norms``: pick the blocks
+(scope), compute one bound per block (threshold), scale. Differences from optax,
+all where optax is numerically wrong:
+
+- a zero norm is never divided by: with a zero bound the result is zeros, not
+  NaN (``clip_by_global_norm``, ``clip_by_block_rms``);
+- norms accumulate in float32 (float64 for float64), and rescale on overflow,
+  so a float16 or bfloat16 tree whose sum of squares overflows in its own
+  dtype still clips to a finite result of the right norm;
+- per-example gradients whose norm is not finite are dropped (they add zero)
+  and counted among the clipped, instead of making the whole sum NaN;
+- ``unitwise_norm`` returns float32 norms for half-precision input, so that a
+  norm beyond float16's range stays finite.
+
+The state of each clipper is a :class:`~clipjax.ClipStats` instead of optax's
+``EmptyState``; ``update`` still accepts ``state=None``.
+"""
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clipjax import _norms
+from clipjax._checks import check_bound
+from clipjax._stats import ClipStats, make_stats, with_stats
+
+_NO_PARAMS = (
+    "{call} needs the parameters: call update(updates, state, params) with"
+    " params (optax passes them when you give them to the chain's update)."
+)
+
+
+def _fraction(flags: list[jax.Array]) -> jax.Array:
+  """Fraction of True among all elements of ``flags`` (0 for none)."""
+  total = sum(int(f.size) for f in flags)
+  if total == 0:
+    return jnp.zeros((), jnp.float32)
+  count = sum(jnp.sum(f, dtype=jnp.float32) for f in flags)
+  return jnp.asarray(count, jnp.float32) / total
+
+
+def _clip_blocks(
+    name: str,
+    updates: Any,
+    axes_of: Callable[[jax.Array], _norms.Axes],
+    bounds_of: Callable[[list[jax.Array]], list[Any]],
+    measure: Callable[[jax.Array, jax.Array, _norms.Axes], jax.Array] | None = None,
+) -> tuple[Any, ClipStats]:
+  """Clips each block of each leaf to its bound: the shared per-block path.
+
+  Args:
+    name: the clipper's name, for errors and statistics.
+    updates: the update tree.
+    axes_of: the axes one block of a leaf spans.
+    bounds_of: given the leaves, the bound of each (scalar or per block).
+    measure: maps ``(norm, leaf, axes)`` to the size compared with the bound
+      (default: the L2 norm itself).
+  """
+  _norms.check_float_leaves(name, updates)
+  leaves, treedef = jax.tree.flatten(updates)
+  axes = [axes_of(x) for x in leaves]
+  norms = _norms.block_norms(leaves, axes)
+  if measure is not None:
+    norms = [measure(n, x, a) for n, x, a in zip(norms, leaves, axes, strict=True)]
+  bounds = bounds_of(leaves)
+  scales = [_norms.clip_scale(n, b) for n, b in zip(norms, bounds, strict=True)]
+  new = [
+      _norms.scale_leaf(x, _norms.keepdims(s, x, a))
+      for x, s, a in zip(leaves, scales, axes, strict=True)
+  ]
+  unflatten = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
+  stats = make_stats(
+      name,
+      unflatten(norms),
+      unflatten(scales),
+      unflatten(bounds),
+      _fraction([s < 1 for s in scales]),
+  )
+  return unflatten(new), stats
+
+
+def clip(max_delta: jax.typing.ArrayLike) -> optax.GradientTransformation:
+  """Clips updates element-wise, to be in ``[-max_delta, +max_delta]``.
+
+  Drop-in for ``optax.clip``; its statistics treat each element as a block:
+  ``norm`` is each leaf's largest ``|x|``, ``scale`` what that element was
+  multiplied by, ``clipped_fraction`` the fraction of elements clipped.
+
+  Args:
+    max_delta: the largest absolute value of any element; a number or a traced
+      scalar.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.clip(1.0)
+    >>> u, s = tx.update({"w": jnp.array([-3.0, 0.5, 2.0])}, None)
+    >>> print(u["w"], s.clipped_fraction)
+    [-1.   0.5  1. ] 0.6666667
+  """
+  check_bound("clip", "max_delta", max_delta)
+
+  def apply(updates, params):
+    del params
+    _norms.check_float_leaves("clip", updates)
+    leaves, treedef = jax.tree.flatten(updates)
+    # A traced bound that is negative or NaN acts as 0, as in clip_scale.
+    delta = jnp.asarray(max_delta, jnp.float32)
+    delta = jnp.where(delta >= 0, delta, jnp.zeros_like(delta))
+    deltas = [delta.astype(x.dtype) for x in leaves]
+    peaks = [jnp.max(jnp.abs(x), initial=0).astype(jnp.float32) for x in leaves]
+    new = [jnp.clip(x, -d, d) for x, d in zip(leaves, deltas, strict=True)]
+    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
+    stats = make_stats(
+        "clip",
+        unflatten(peaks),
+        unflatten([_norms.clip_scale(p, delta) for p in peaks]),
+        delta,
+        _fraction([jnp.abs(x) > d for x, d in zip(leaves, deltas, strict=True)]),
+    )
+    return unflatten(new), stats
+
+  return with_stats(apply)
+
+
+def clip_by_global_norm(
+    max_norm: jax.typing.ArrayLike, *, eps: jax.typing.ArrayLike = 0.0
+) -> optax.GradientTransformation:
+  """Scales the whole update so that its L2 norm is at most ``max_norm``.
+
+  Computes ``g * min(1, max_norm / (||g|| + eps))``, where ``||g||`` is the norm
+  of all leaves together. Drop-in for ``optax.clip_by_global_norm``, without its
+  NaN at zero norm and zero bound, and with float32 accumulation for half
+  precision.
+
+  Args:
+    max_norm: the bound; a number or a traced scalar (so that
+      ``optax.inject_hyperparams`` and ``jax.vmap`` over bounds work).
+    eps: added to the norm before dividing; ``eps=1e-6`` reproduces
+      ``torch.nn.utils.clip_grad_norm_``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
+    with scalar fields.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.clip_by_global_norm(1.0)
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> u, s = tx.update(g, tx.init(g))
+    >>> print(u["w"], s.norm, s.scale)
+    [0.6 0.8] 5.0 0.2
+
+  References:
+    Pascanu et al., `On the difficulty of training recurrent neural networks
+    <https://arxiv.org/abs/1211.5063>`_, 2013.
+  """
+  check_bound("clip_by_global_norm", "max_norm", max_norm)
+  check_bound("clip_by_global_norm", "eps", eps)
+
+  def apply(updates, params):
+    del params
+    _norms.check_float_leaves("clip_by_global_norm", updates)
+    norm = _norms.global_norm(updates)
+    scale = _norms.clip_scale(norm, max_norm, eps)
+    stats = make_stats("clip_by_global_norm", norm, scale, max_norm, scale < 1)
+    return _norms.scale_tree(updates, scale), stats
+
+  return with_stats(apply)
+
+
+def clip_by_norm(
+    max_norm: jax.typing.ArrayLike, *, axis: _norms.AxisSpec = None
+) -> optax.GradientTransformation:
+  """Clips each leaf (or each slice of a leaf) to L2 norm at most ``max_norm``.
+
+  Args:
+    max_norm: the bound for every block; a number or a traced scalar.
+    axis: the axes one block spans. ``None``: the whole leaf. An int or tuple:
+      those axes of every leaf, so that ``axis=(1, 2)`` clips a stacked
+      ``(layers, in, out)`` kernel per layer. A callable ``leaf -> axes`` for
+      mixed ranks, e.g. ``lambda x: tuple(range(1, x.ndim))`` clips every slice
+      along a leading layer axis.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
+    holding one norm and scale per block.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.clip_by_norm(1.0)
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+    >>> u, s = tx.update(g, None)
+    >>> print(u["a"], u["b"], s.norm["a"])
+    [0.6 0.8] [0.3 0.4] 5.0
+    >>> stacked = jnp.array([[[3.0, 4.0]], [[0.0, 0.5]]])  # two layers
+    >>> u, _ = clipjax.clip_by_norm(1.0, axis=(1, 2)).update(stacked, None)
+    >>> print(u.reshape(2, 2))
+    [[0.6 0.8]
+     [0.  0.5]]
+  """
+  check_bound("clip_by_norm", "max_norm", max_norm)
+
+  def apply(updates, params):
+    del params
+    return _clip_blocks(
+        "clip_by_norm",
+        updates,
+        lambda x: _norms.normalize_axes("clip_by_norm", x, axis),
+        lambda leaves: [max_norm] * len(leaves),
+    )
+
+  return with_stats(apply)
+
+
+def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransformation:
+  """Clips each leaf so that its root mean square is at most ``threshold``.
+
+  Drop-in for ``optax.clip_by_block_rms``, without its NaN for an all-zero leaf
+  with a zero threshold (or for an empty leaf).
+
+  Args:
+    threshold: the largest RMS of each leaf; a number or a traced scalar.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
+    whose ``norm`` holds each leaf's RMS.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> u, s = clipjax.clip_by_block_rms(1.0).update(jnp.array([2.0, -2.0]), None)
+    >>> print(u, s.norm)
+    [ 1. -1.] 2.0
+  """
+  check_bound("clip_by_block_rms", "threshold", threshold)
+
+  def rms(norm, x, axes):
+    del axes
+    return norm / np.sqrt(max(x.size, 1)).astype(norm.dtype)
+
+  def apply(updates, params):
+    del params
+    return _clip_blocks(
+        "clip_by_block_rms",
+        updates,
+        lambda x: None,
+        lambda leaves: [threshold] * len(leaves),
+        rms,
+    )
+
+  return with_stats(apply)
+
+
+def clip_by_group_norm(
+    max_norm: jax.typing.ArrayLike | Mapping[Hashable, jax.typing.ArrayLike],
+    groups: Any,
+) -> optax.GradientTransformation:
+  """Global-norm clipping within each group of leaves.
+
+  One huge tensor no longer starves the rest of the model: each group is
+  scaled by ``min(1, bound / ||group||)`` on its own.
+
+  Args:
+    max_norm: one bound for every group, or a mapping from label to bound.
+    groups: a pytree of labels with the structure of the updates, or a
+      callable mapping the params (the updates when no params are given) to
+      such a tree, as in ``optax.multi_transform``.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
+    whose ``norm``, ``scale`` and ``bound`` are dicts keyed by label.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> g = {"emb": jnp.array([30.0, 40.0]), "w": jnp.array([0.3, 0.4])}
+    >>> tx = clipjax.clip_by_group_norm({"big": 1.0, "rest": 1.0},
+    ...                                 {"emb": "big", "w": "rest"})
+    >>> u, s = tx.update(g, None)
+    >>> print(u["emb"], u["w"], s.norm["big"])
+    [0.6 0.8] [0.3 0.4] 50.0
+  """
+  call = "clip_by_group_norm"
+  if isinstance(max_norm, Mapping):
+    for label, bound in max_norm.items():
+      check_bound(call, f"max_norm[{label!r}]", bound)
+  else:
+    check_bound(call, "max_norm", max_norm)
+
+  def apply(updates, params):
+    _norms.check_float_leaves(call, updates)
+    labels_tree = groups(updates if params is None else params) if callable(groups) else groups
+    leaves, treedef = jax.tree.flatten(updates)
+    labels = treedef.flatten_up_to(labels_tree)
+    by_label: dict[Hashable, list[int]] = {}
+    for i, label in enumerate(labels):
+      by_label.setdefault(label, []).append(i)
+    if isinstance(max_norm, Mapping):
+      missing = [lb for lb in by_label if lb not in max_norm]
+      if missing:
+        raise ValueError(
+            f"{call}: no max_norm for group(s) {missing!r}; max_norm has"
+            f" {sorted(map(repr, max_norm))}."
+        )
+    new: list[Any] = list(leaves)
+    norms, scales, bounds = {}, {}, {}
+    for label, idx in by_label.items():
+      members = [leaves[i] for i in idx]
+      bound = max_norm[label] if isinstance(max_norm, Mapping) else max_norm
+      norm = _norms.block_norms(members, [None] * len(members), combine=True)[0]
+      scale = _norms.clip_scale(norm, bound)
+      for i in idx:
+        new[i] = _norms.scale_leaf(leaves[i], scale)
+      norms[label], scales[label], bounds[label] = norm, scale, bound
+    stats = make_stats(
+        call, norms, scales, bounds, _fraction([s < 1 for s in scales.values()])
+    )
+    return jax.tree.unflatten(treedef, new), stats
+
+  return with_stats(apply)
+
+
+def unitwise_norm(x: jax.typing.ArrayLike, axis: _norms.Axes = None) -> jax.Array:
+  """The L2 norm of each unit of ``x``, broadcast to ``x``'s shape.
+
+  Same as ``optax.unitwise_norm``: with ``axis=None`` a unit is the whole array
+  for rank <= 1 (after squeezing), a slice along axis 0 for rank 2 or 3 (dense
+  and multi-head kernels), axes ``(0, 1, 2)`` for rank 4 (HWIO conv) and
+  ``(0, 1, 2, 3)`` for rank 5. Half-precision input gives float32 norms.
+
+  Args:
+    x: the array.
+    axis: the axes one unit spans, overriding the rank-based default.
+
+  Returns:
+    An array of ``x``'s shape holding each element's unit norm.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> print(clipjax.unitwise_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]])))
+    [[5. 1.]
+     [5. 1.]]
+  """
+  x = jnp.asarray(x)
+  axes = _norms.unit_axes(x, axis)
+  norm = _norms.block_norms([x], [axes])[0]
+  return jnp.broadcast_to(_norms.keepdims(norm, x, axes), x.shape)
+
+
+def unitwise_clip(
+    g_norm: jax.typing.ArrayLike,
+    max_norm: jax.typing.ArrayLike,
+    grad: jax.typing.ArrayLike,
+    div_eps: jax.typing.ArrayLike = 1e-6,
+) -> jax.Array:
+  """Scales ``grad`` by ``max_norm / g_norm`` where ``g_norm >= max_norm``.
+
+  Same as ``optax.unitwise_clip``: ``g_norm``, ``max_norm`` and ``grad`` have
+  one shape, and ``div_eps`` keeps the division finite. The result has
+  ``grad``'s dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> g = jnp.array([3.0, 4.0])
+    >>> n = clipjax.unitwise_norm(g)
+    >>> print(clipjax.unitwise_clip(n, jnp.full_like(n, 1.0), g))
+    [0.6 0.8]
+  """
+  g_norm, max_norm, grad = map(jnp.asarray, (g_norm, max_norm, grad))
+  if not g_norm.shape == max_norm.shape == grad.shape:
+    raise ValueError(
+        "unitwise_clip: g_norm, max_norm and grad must have one shape; got"
+        f" {g_norm.shape}, {max_norm.shape} and {grad.shape}."
+    )
+  acc = jnp.promote_types(_norms.accumulation_dtype(grad.dtype), g_norm.dtype)
+  g_norm, max_norm = g_norm.astype(acc), max_norm.astype(acc)
+  factor = max_norm / jnp.maximum(g_norm, jnp.asarray(div_eps, acc))
+  scale = jnp.where(g_norm < max_norm, jnp.ones_like(factor), factor)
+  return _norms.scale_leaf(grad, scale)
+
+
+def adaptive_grad_clip(
+    clipping: jax.typing.ArrayLike,
+    eps: jax.typing.ArrayLike = 1e-3,
+    axis: _norms.Axes = None,
+) -> optax.GradientTransformation:
+  """Clips each unit's update to at most ``clipping * max(||w_unit||, eps)``.
+
+  Adaptive gradient clipping (AGC). Drop-in for ``optax.adaptive_grad_clip``,
+  with units as in :func:`unitwise_norm`, and norms accumulated in float32.
+
+  Args:
+    clipping: the largest ratio of a unit's update norm to its parameter norm.
+    eps: the smallest parameter norm used, so that zero-initialised parameters
+      can still move.
+    axis: the axes one unit spans, overriding the rank-based default.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
+    with one norm, scale and bound per unit. ``update`` raises ``ValueError``
+    without params.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.adaptive_grad_clip(0.1)
+    >>> w = jnp.array([[3.0, 1.0], [4.0, 0.0]])
+    >>> g = jnp.array([[1.0, 0.01], [0.0, 0.0]])
+    >>> u, s = tx.update(g, tx.init(w), w)
+    >>> print(u)
+    [[0.5  0.01]
+     [0.   0.  ]]
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+  """
+  call = "adaptive_grad_clip"
+  check_bound(call, "clipping", clipping)
+  check_bound(call, "eps", eps)
+
+  def apply(updates, params):
+    if params is None:
+      raise ValueError(_NO_PARAMS.format(call=call))
+    param_leaves = jax.tree.leaves(params)
+
+    def bounds_of(leaves):
+      axes = [_norms.unit_axes(p, axis) for p in param_leaves]
+      p_norms = _norms.block_norms(param_leaves, axes)
+      return [clipping * jnp.maximum(n, jnp.asarray(eps, n.dtype)) for n in p_norms]
+
+    return _clip_blocks(call, updates, lambda x: _norms.unit_axes(x, axis), bounds_of)
+
+  return with_stats(apply)

@@ -1,0 +1,234 @@
+"""Kernels shared by every clipper: norms per scope, safe scale factors, scaling.
+
+Three rules hold here so that every clipper inherits them:
+
+- norms accumulate in float32 (float64 for float64 input), and a sum of squares
+  that overflows even there is recomputed rescaled by the largest magnitude, so
+  a finite tree always has a finite norm unless the norm itself exceeds the
+  accumulation dtype's range;
+- the scale factor ``min(1, bound / norm)`` is exactly 1 when the norm does not
+  exceed the bound, so a zero norm never produces NaN, also for a zero bound;
+- each leaf keeps its dtype; half-precision leaves are scaled in float32 and
+  rounded once.
+
+This module imports nothing else of clipjax.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axes = int | tuple[int, ...] | None
+AxisSpec = Axes | Callable[[jax.Array], Axes]
+
+
+def accumulation_dtype(dtype: Any) -> np.dtype:
+  """The dtype norms of ``dtype`` arrays are accumulated in.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax._norms import accumulation_dtype
+    >>> accumulation_dtype(jnp.bfloat16)
+    dtype('float32')
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.inexact) and jnp.finfo(dtype).bits >= 64:
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def widest_accumulation_dtype(leaves: Sequence[jax.Array]) -> np.dtype:
+  """float64 if any leaf accumulates in float64, else float32."""
+  dtypes = {accumulation_dtype(x.dtype) for x in leaves}
+  return jnp.dtype(jnp.float64) if jnp.float64 in dtypes else jnp.dtype(jnp.float32)
+
+
+def check_float_leaves(call: str, tree: Any) -> None:
+  """Raises ``TypeError`` naming ``call`` and the leaf if a leaf is not inexact."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      where = jax.tree_util.keystr(path) or "the update"
+      raise TypeError(
+          f"{call}: leaf {where} has dtype {dtype}; clipping needs floating-point"
+          " updates (cast integer leaves, or mask them out with optax.masked)."
+      )
+
+
+def _squares(x: jax.Array, acc: np.dtype, divisor: jax.Array | None = None):
+  """|x|**2 elementwise in ``acc``, optionally of ``x / divisor``."""
+  parts = (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+  total = None
+  for part in parts:
+    part = part.astype(acc)
+    if divisor is not None:
+      part = part / divisor
+    total = jnp.square(part) if total is None else total + jnp.square(part)
+  return total
+
+
+def _sum_squares(x: jax.Array, axis: Axes, acc: np.dtype) -> jax.Array:
+  return jnp.sum(_squares(x, acc), axis=axis)
+
+
+def _rescaled_norm(x: jax.Array, axis: Axes, acc: np.dtype) -> jax.Array:
+  """The L2 norm as ``m * sqrt(sum((x / m)**2))``, ``m`` the largest magnitude."""
+  m = jnp.max(jnp.abs(x).astype(acc), axis=axis, keepdims=True, initial=0)
+  divisor = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
+  norm = divisor * jnp.sqrt(jnp.sum(_squares(x, acc, divisor), axis=axis, keepdims=True))
+  norm = jnp.where(jnp.isposinf(m), m, norm)
+  if axis is None:
+    return norm.reshape(())
+  return jnp.squeeze(norm, axis=axis)
+
+
+def _hypot(norms: Sequence[jax.Array]) -> jax.Array:
+  """sqrt(sum(n**2)) over a sequence of same-shape norms, without overflow."""
+  stacked = jnp.stack(norms)
+  m = jnp.max(stacked, axis=0)
+  divisor = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
+  norm = divisor * jnp.sqrt(jnp.sum(jnp.square(stacked / divisor), axis=0))
+  return jnp.where(jnp.isposinf(m), m, norm)
+
+
+def block_norms(
+    leaves: Sequence[jax.Array], axes: Sequence[Axes], *, combine: bool = False
+) -> list[jax.Array]:
+  """L2 norms of the blocks of each leaf: ``leaf`` reduced over ``axes[i]``.
+
+  Args:
+    leaves: the arrays.
+    axes: for each leaf, the axes that one block spans (``None``: the whole
+      leaf).
+    combine: if true, return a single norm over all leaves together (the
+      blocks of every leaf must then have the same shape, e.g. scalars for a
+      global norm, or ``(B,)`` for per-example norms).
+
+  Returns:
+    A list of norms in each leaf's accumulation dtype (one entry if
+    ``combine``).
+  """
+  if not leaves:
+    return [jnp.zeros((), jnp.float32)] if combine else []
+  accs = [accumulation_dtype(x.dtype) for x in leaves]
+  sums = [_sum_squares(x, a, acc) for x, a, acc in zip(leaves, axes, accs, strict=True)]
+  if combine:
+    wide = widest_accumulation_dtype(leaves)
+    sums = [sum(s.astype(wide) for s in sums)]
+  overflow = jnp.any(jnp.stack([jnp.any(jnp.isposinf(s)) for s in sums]))
+
+  def plain():
+    return [jnp.sqrt(s) for s in sums]
+
+  def rescaled():
+    norms = [
+        _rescaled_norm(x, a, acc) for x, a, acc in zip(leaves, axes, accs, strict=True)
+    ]
+    if combine:
+      return [_hypot([n.astype(sums[0].dtype) for n in norms])]
+    return norms
+
+  # Overflow is rare, so the rescaled pass runs only when it happens.
+  return jax.lax.cond(overflow, rescaled, plain)
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """The L2 norm of all leaves of ``tree`` together, overflow-safe.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax._norms import global_norm
+    >>> print(global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])}))
+    5.0
+    >>> print(global_norm({"a": jnp.full((4,), 6e4, jnp.float16)}))  # f16 max is 65504
+    120000.0
+  """
+  leaves = jax.tree.leaves(tree)
+  return block_norms(leaves, [None] * len(leaves), combine=True)[0]
+
+
+def normalize_axes(call: str, x: jax.Array, axis: AxisSpec) -> Axes:
+  """Resolves ``axis`` (None, an int, a tuple, or a callable of the leaf)."""
+  resolved = axis(x) if callable(axis) else axis
+  if resolved is None:
+    return None
+  ax = (resolved,) if isinstance(resolved, int) else tuple(resolved)
+  ndim = x.ndim
+  if any(not -ndim <= a < ndim for a in ax):
+    raise ValueError(
+        f"{call}: axis={resolved!r} is out of range for a leaf of shape {x.shape}."
+    )
+  return tuple(sorted(a % ndim for a in ax))
+
+
+def unit_axes(x: jax.Array, axis: Axes = None) -> Axes:
+  """The axes one unit spans, with optax's ``unitwise_norm`` conventions.
+
+  Rank <= 1 (after squeezing): the whole array; rank 2 or 3: axis 0 (inputs of a
+  dense or multi-head kernel); rank 4: ``(0, 1, 2)`` (HWIO conv); rank 5:
+  ``(0, 1, 2, 3)`` (DHWIO conv).
+  """
+  if axis is not None:
+    return normalize_axes("unitwise_norm", x, axis)
+  shape = np.shape(x)
+  if sum(d != 1 for d in shape) <= 1:
+    return None
+  rank = len(shape)
+  if rank in (2, 3):
+    return (0,)
+  if rank == 4:
+    return (0, 1, 2)
+  if rank == 5:
+    return (0, 1, 2, 3)
+  raise ValueError(
+      f"Expected parameter with shape in {1, 2, 3, 4, 5}, got {shape}. "
+      "Use axis parameter to specify reduction axes for other shapes."
+  )
+
+
+def keepdims(norm: jax.Array, x: jax.Array, axes: Axes) -> jax.Array:
+  """Reshapes a block norm so that it broadcasts against ``x``."""
+  if axes is None:
+    return norm.reshape((1,) * x.ndim)
+  return jnp.expand_dims(norm, axes)
+
+
+def clip_scale(norm: jax.Array, bound: Any, eps: Any = 0.0) -> jax.Array:
+  """``min(1, bound / (norm + eps))``, exactly 1 whenever ``norm + eps <= bound``.
+
+  A zero norm therefore gives 1, never NaN, also for a zero bound. A traced bound
+  that is negative or NaN acts as 0: a broken schedule zeroes the update rather
+  than flipping its sign or letting it through unclipped.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax._norms import clip_scale
+    >>> print(clip_scale(jnp.array([0.0, 0.5, 4.0]), 2.0))
+    [1.  1.  0.5]
+    >>> print(clip_scale(jnp.array(0.0), 0.0))
+    1.0
+  """
+  bound = jnp.asarray(bound).astype(norm.dtype)
+  bound = jnp.where(bound >= 0, bound, jnp.zeros_like(bound))
+  denom = norm + jnp.asarray(eps).astype(norm.dtype)
+  over = denom > bound
+  safe = jnp.where(over, denom, jnp.ones_like(denom))
+  return jnp.where(over, bound / safe, jnp.ones_like(safe))
+
+
+def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """``x * scale`` in ``x``'s dtype; half precision is scaled in float32."""
+  if jnp.iscomplexobj(x):
+    return x * scale.astype(x.dtype)
+  acc = accumulation_dtype(x.dtype)
+  if x.dtype == acc:
+    return x * scale.astype(acc)
+  return (x.astype(acc) * scale.astype(acc)).astype(x.dtype)
+
+
+def scale_tree(tree: Any, scale: jax.Array) -> Any:
+  """Multiplies every leaf of ``tree`` by the scalar ``scale``, keeping dtypes."""
+  return jax.tree.map(lambda x: scale_leaf(x, scale), tree)

@@ -1,0 +1,139 @@
+"""Clip statistics carried in optimizer state, and the state -> dict helper."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipStats:
+  """What a clipper saw and did on its last update (all zeros before the first).
+
+  A registered pytree whose name is static metadata, so that
+  :func:`clip_stats` can label it wherever it sits in an optax state tree. All
+  array fields are float32.
+
+  Attributes:
+    norm: the size compared with the bound, before clipping: the L2 norm (RMS for
+      ``clip_by_block_rms``, max ``|x|`` for ``clip``). A scalar for whole-tree
+      clippers; for per-block clippers a tree like the updates holding one value
+      per block (a scalar per leaf, or one per unit or slice).
+    scale: the factor applied, shaped like ``norm`` (1.0 = untouched).
+    bound: the bound in force, a scalar or shaped like ``norm``.
+    clipped_fraction: shape ``()``: the fraction of blocks scaled down.
+    name: the clipper's name (static).
+  """
+
+  norm: Any
+  scale: Any
+  bound: Any
+  clipped_fraction: jax.Array
+  name: str = "clip"
+
+
+jax.tree_util.register_dataclass(
+    ClipStats,
+    data_fields=["norm", "scale", "bound", "clipped_fraction"],
+    meta_fields=["name"],
+)
+
+_FIELDS = ("norm", "scale", "bound", "clipped_fraction")
+
+
+def _f32(x: Any) -> jax.Array:
+  return jnp.asarray(x).astype(jnp.float32)
+
+
+def make_stats(name: str, norm: Any, scale: Any, bound: Any, clipped_fraction: Any):
+  """Builds a :class:`ClipStats` with every array field cast to float32."""
+  return ClipStats(
+      norm=jax.tree.map(_f32, norm),
+      scale=jax.tree.map(_f32, scale),
+      bound=jax.tree.map(_f32, bound),
+      clipped_fraction=_f32(clipped_fraction),
+      name=name,
+  )
+
+
+def with_stats(
+    apply: Callable[[Any, Any], tuple[Any, ClipStats]],
+) -> optax.GradientTransformation:
+  """Wraps ``apply(updates, params) -> (updates, stats)`` as a transformation.
+
+  The state is the :class:`ClipStats` of the last update; ``init`` returns
+  zeros of the same structure (found with ``jax.eval_shape``, so nothing is
+  computed). ``update`` ignores the incoming state, so ``state=None`` works as
+  with optax's stateless clippers.
+  """
+
+  def init_fn(params):
+    shapes = jax.eval_shape(lambda p: apply(p, p)[1], params)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def update_fn(updates, state, params=None):
+    del state
+    return apply(updates, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
+  """Flattens every clipper's statistics in an optax state tree into a dict.
+
+  Works through ``optax.chain``, ``named_chain``, ``masked``,
+  ``multi_transform``, ``inject_hyperparams``, ``MultiSteps`` and any other
+  wrapper, because it searches the state as a pytree. Names are
+  ``"<labels>/<clipper>/<field>"``, where the labels are the string keys on the
+  way down (``named_chain`` names, ``multi_transform`` labels); per-block fields
+  add the leaf path. A clipper name that repeats gets ``_1``, ``_2``, ...
+
+  Args:
+    opt_state: any optax state (or pytree holding one).
+
+  Returns:
+    A dict from readable names to arrays, ready for a logger.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> tx = optax.chain(clipjax.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> _, state = tx.update(g, tx.init(g))
+    >>> {k: float(v) for k, v in clipjax.clip_stats(state).items()}
+    {'clip_by_global_norm/norm': 5.0, 'clip_by_global_norm/scale': 0.2,
+     'clip_by_global_norm/bound': 1.0, 'clip_by_global_norm/clipped_fraction': 1.0}
+  """
+  found = jax.tree_util.tree_flatten_with_path(
+      opt_state, is_leaf=lambda x: isinstance(x, ClipStats)
+  )[0]
+  out: dict[str, jax.Array] = {}
+  seen: dict[str, int] = {}
+  for path, node in found:
+    if not isinstance(node, ClipStats):
+      continue
+    labels = [
+        str(k.key)
+        for k in path
+        if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)
+    ]
+    base = "/".join([*labels, node.name])
+    count = seen.get(base, 0)
+    seen[base] = count + 1
+    if count:
+      base = f"{base}_{count}"
+    for field in _FIELDS:
+      value = getattr(node, field)
+      for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+        suffix = "".join("/" + _key_name(k) for k in leaf_path)
+        out[f"{base}/{field}{suffix}"] = leaf
+  return out

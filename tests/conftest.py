@@ -1,0 +1,7 @@
+"""Test configuration: 8 CPU devices for mesh tests, strict dtype promotion."""
+
+import jax
+
+# Must run before any JAX computation initialises the backend.
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
