@@ -12,12 +12,12 @@ def is_concrete(value: Any) -> bool:
 
 
 def check_bound(
-    call: str,
-    name: str,
-    value: Any,
-    *,
-    allow_inf: bool = False,
-    positive: bool = False,
+  call: str,
+  name: str,
+  value: Any,
+  *,
+  allow_inf: bool = False,
+  positive: bool = False,
 ) -> None:
   """Raises ``ValueError`` unless a concrete ``value`` is a valid bound.
 
@@ -32,9 +32,9 @@ def check_bound(
   except (TypeError, ValueError) as e:
     raise ValueError(f"{call}({name}={value!r}) must be a number.") from e
   bad = (
-      np.isnan(arr)
-      | (arr <= 0 if positive else arr < 0)
-      | (np.isinf(arr) if not allow_inf else np.zeros_like(arr, dtype=bool))
+    np.isnan(arr)
+    | (arr <= 0 if positive else arr < 0)
+    | (np.isinf(arr) if not allow_inf else np.zeros_like(arr, dtype=bool))
   )
   if np.any(bad):
     kind = "positive" if positive else "non-negative"

@@ -31,8 +31,8 @@ from clipjax._checks import check_bound
 from clipjax._stats import ClipStats, make_stats, with_stats
 
 _NO_PARAMS = (
-    "{call} needs the parameters: call update(updates, state, params) with"
-    " params (optax passes them when you give them to the chain's update)."
+  "{call} needs the parameters: call update(updates, state, params) with"
+  " params (optax passes them when you give them to the chain's update)."
 )
 
 
@@ -46,11 +46,11 @@ def _fraction(flags: list[jax.Array]) -> jax.Array:
 
 
 def _clip_blocks(
-    name: str,
-    updates: Any,
-    axes_of: Callable[[jax.Array], _norms.Axes],
-    bounds_of: Callable[[list[jax.Array]], list[Any]],
-    measure: Callable[[jax.Array, jax.Array, _norms.Axes], jax.Array] | None = None,
+  name: str,
+  updates: Any,
+  axes_of: Callable[[jax.Array], _norms.Axes],
+  bounds_of: Callable[[list[jax.Array]], list[Any]],
+  measure: Callable[[jax.Array, jax.Array, _norms.Axes], jax.Array] | None = None,
 ) -> tuple[Any, ClipStats]:
   """Clips each block of each leaf to its bound: the shared per-block path.
 
@@ -71,16 +71,16 @@ def _clip_blocks(
   bounds = bounds_of(leaves)
   scales = [_norms.clip_scale(n, b) for n, b in zip(norms, bounds, strict=True)]
   new = [
-      _norms.scale_leaf(x, _norms.keepdims(s, x, a))
-      for x, s, a in zip(leaves, scales, axes, strict=True)
+    _norms.scale_leaf(x, _norms.keepdims(s, x, a))
+    for x, s, a in zip(leaves, scales, axes, strict=True)
   ]
-  unflatten = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
+  unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
   stats = make_stats(
-      name,
-      unflatten(norms),
-      unflatten(scales),
-      unflatten(bounds),
-      _fraction([s < 1 for s in scales]),
+    name,
+    unflatten(norms),
+    unflatten(scales),
+    unflatten(bounds),
+    _fraction([s < 1 for s in scales]),
   )
   return unflatten(new), stats
 
@@ -118,13 +118,13 @@ def clip(max_delta: jax.typing.ArrayLike) -> optax.GradientTransformation:
     deltas = [delta.astype(x.dtype) for x in leaves]
     peaks = [jnp.max(jnp.abs(x), initial=0).astype(jnp.float32) for x in leaves]
     new = [jnp.clip(x, -d, d) for x, d in zip(leaves, deltas, strict=True)]
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
+    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     stats = make_stats(
-        "clip",
-        unflatten(peaks),
-        unflatten([_norms.clip_scale(p, delta) for p in peaks]),
-        delta,
-        _fraction([jnp.abs(x) > d for x, d in zip(leaves, deltas, strict=True)]),
+      "clip",
+      unflatten(peaks),
+      unflatten([_norms.clip_scale(p, delta) for p in peaks]),
+      delta,
+      _fraction([jnp.abs(x) > d for x, d in zip(leaves, deltas, strict=True)]),
     )
     return unflatten(new), stats
 
@@ -132,7 +132,7 @@ def clip(max_delta: jax.typing.ArrayLike) -> optax.GradientTransformation:
 
 
 def clip_by_global_norm(
-    max_norm: jax.typing.ArrayLike, *, eps: jax.typing.ArrayLike = 0.0
+  max_norm: jax.typing.ArrayLike, *, eps: jax.typing.ArrayLike = 0.0
 ) -> optax.GradientTransformation:
   """Scales the whole update so that its L2 norm is at most ``max_norm``.
 
@@ -178,7 +178,7 @@ def clip_by_global_norm(
 
 
 def clip_by_norm(
-    max_norm: jax.typing.ArrayLike, *, axis: _norms.AxisSpec = None
+  max_norm: jax.typing.ArrayLike, *, axis: _norms.AxisSpec = None
 ) -> optax.GradientTransformation:
   """Clips each leaf (or each slice of a leaf) to L2 norm at most ``max_norm``.
 
@@ -212,10 +212,10 @@ def clip_by_norm(
   def apply(updates, params):
     del params
     return _clip_blocks(
-        "clip_by_norm",
-        updates,
-        lambda x: _norms.normalize_axes("clip_by_norm", x, axis),
-        lambda leaves: [max_norm] * len(leaves),
+      "clip_by_norm",
+      updates,
+      lambda x: _norms.normalize_axes("clip_by_norm", x, axis),
+      lambda leaves: [max_norm] * len(leaves),
     )
 
   return with_stats(apply)
@@ -249,19 +249,19 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
   def apply(updates, params):
     del params
     return _clip_blocks(
-        "clip_by_block_rms",
-        updates,
-        lambda x: None,
-        lambda leaves: [threshold] * len(leaves),
-        rms,
+      "clip_by_block_rms",
+      updates,
+      lambda x: None,
+      lambda leaves: [threshold] * len(leaves),
+      rms,
     )
 
   return with_stats(apply)
 
 
 def clip_by_group_norm(
-    max_norm: jax.typing.ArrayLike | Mapping[Hashable, jax.typing.ArrayLike],
-    groups: Any,
+  max_norm: jax.typing.ArrayLike | Mapping[Hashable, jax.typing.ArrayLike],
+  groups: Any,
 ) -> optax.GradientTransformation:
   """Global-norm clipping within each group of leaves.
 
@@ -296,9 +296,11 @@ def clip_by_group_norm(
 
   def apply(updates, params):
     _norms.check_float_leaves(call, updates)
-    labels_tree = groups(updates if params is None else params) if callable(groups) else groups
+    labels_tree = (
+      groups(updates if params is None else params) if callable(groups) else groups
+    )
     leaves, treedef = jax.tree.flatten(updates)
-    labels = treedef.flatten_up_to(labels_tree)
+    labels = treedef.flatten_up_to(labels_tree)  # type: ignore[attr-defined]
     by_label: dict[Hashable, list[int]] = {}
     for i, label in enumerate(labels):
       by_label.setdefault(label, []).append(i)
@@ -306,8 +308,8 @@ def clip_by_group_norm(
       missing = [lb for lb in by_label if lb not in max_norm]
       if missing:
         raise ValueError(
-            f"{call}: no max_norm for group(s) {missing!r}; max_norm has"
-            f" {sorted(map(repr, max_norm))}."
+          f"{call}: no max_norm for group(s) {missing!r}; max_norm has"
+          f" {sorted(map(repr, max_norm))}."
         )
     new: list[Any] = list(leaves)
     norms, scales, bounds = {}, {}, {}
@@ -320,7 +322,7 @@ def clip_by_group_norm(
         new[i] = _norms.scale_leaf(leaves[i], scale)
       norms[label], scales[label], bounds[label] = norm, scale, bound
     stats = make_stats(
-        call, norms, scales, bounds, _fraction([s < 1 for s in scales.values()])
+      call, norms, scales, bounds, _fraction([s < 1 for s in scales.values()])
     )
     return jax.tree.unflatten(treedef, new), stats
 
@@ -355,10 +357,10 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: _norms.Axes = None) -> jax.Arra
 
 
 def unitwise_clip(
-    g_norm: jax.typing.ArrayLike,
-    max_norm: jax.typing.ArrayLike,
-    grad: jax.typing.ArrayLike,
-    div_eps: jax.typing.ArrayLike = 1e-6,
+  g_norm: jax.typing.ArrayLike,
+  max_norm: jax.typing.ArrayLike,
+  grad: jax.typing.ArrayLike,
+  div_eps: jax.typing.ArrayLike = 1e-6,
 ) -> jax.Array:
   """Scales ``grad`` by ``max_norm / g_norm`` where ``g_norm >= max_norm``.
 
@@ -376,8 +378,8 @@ def unitwise_clip(
   g_norm, max_norm, grad = map(jnp.asarray, (g_norm, max_norm, grad))
   if not g_norm.shape == max_norm.shape == grad.shape:
     raise ValueError(
-        "unitwise_clip: g_norm, max_norm and grad must have one shape; got"
-        f" {g_norm.shape}, {max_norm.shape} and {grad.shape}."
+      "unitwise_clip: g_norm, max_norm and grad must have one shape; got"
+      f" {g_norm.shape}, {max_norm.shape} and {grad.shape}."
     )
   acc = jnp.promote_types(_norms.accumulation_dtype(grad.dtype), g_norm.dtype)
   g_norm, max_norm = g_norm.astype(acc), max_norm.astype(acc)
@@ -387,9 +389,9 @@ def unitwise_clip(
 
 
 def adaptive_grad_clip(
-    clipping: jax.typing.ArrayLike,
-    eps: jax.typing.ArrayLike = 1e-3,
-    axis: _norms.Axes = None,
+  clipping: jax.typing.ArrayLike,
+  eps: jax.typing.ArrayLike = 1e-3,
+  axis: _norms.Axes = None,
 ) -> optax.GradientTransformation:
   """Clips each unit's update to at most ``clipping * max(||w_unit||, eps)``.
 

@@ -14,6 +14,7 @@ Three rules hold here so that every clipper inherits them:
 This module imports nothing else of clipjax.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,8 +43,10 @@ def accumulation_dtype(dtype: Any) -> np.dtype:
 
 def widest_accumulation_dtype(leaves: Sequence[jax.Array]) -> np.dtype:
   """float64 if any leaf accumulates in float64, else float32."""
-  dtypes = {accumulation_dtype(x.dtype) for x in leaves}
-  return jnp.dtype(jnp.float64) if jnp.float64 in dtypes else jnp.dtype(jnp.float32)
+  wide = np.dtype(np.float64)
+  if any(accumulation_dtype(x.dtype) == wide for x in leaves):
+    return wide
+  return np.dtype(np.float32)
 
 
 def check_float_leaves(call: str, tree: Any) -> None:
@@ -53,8 +56,8 @@ def check_float_leaves(call: str, tree: Any) -> None:
     if not jnp.issubdtype(dtype, jnp.inexact):
       where = jax.tree_util.keystr(path) or "the update"
       raise TypeError(
-          f"{call}: leaf {where} has dtype {dtype}; clipping needs floating-point"
-          " updates (cast integer leaves, or mask them out with optax.masked)."
+        f"{call}: leaf {where} has dtype {dtype}; clipping needs floating-point"
+        " updates (cast integer leaves, or mask them out with optax.masked)."
       )
 
 
@@ -78,7 +81,9 @@ def _rescaled_norm(x: jax.Array, axis: Axes, acc: np.dtype) -> jax.Array:
   """The L2 norm as ``m * sqrt(sum((x / m)**2))``, ``m`` the largest magnitude."""
   m = jnp.max(jnp.abs(x).astype(acc), axis=axis, keepdims=True, initial=0)
   divisor = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-  norm = divisor * jnp.sqrt(jnp.sum(_squares(x, acc, divisor), axis=axis, keepdims=True))
+  norm = divisor * jnp.sqrt(
+    jnp.sum(_squares(x, acc, divisor), axis=axis, keepdims=True)
+  )
   norm = jnp.where(jnp.isposinf(m), m, norm)
   if axis is None:
     return norm.reshape(())
@@ -95,7 +100,7 @@ def _hypot(norms: Sequence[jax.Array]) -> jax.Array:
 
 
 def block_norms(
-    leaves: Sequence[jax.Array], axes: Sequence[Axes], *, combine: bool = False
+  leaves: Sequence[jax.Array], axes: Sequence[Axes], *, combine: bool = False
 ) -> list[jax.Array]:
   """L2 norms of the blocks of each leaf: ``leaf`` reduced over ``axes[i]``.
 
@@ -117,7 +122,7 @@ def block_norms(
   sums = [_sum_squares(x, a, acc) for x, a, acc in zip(leaves, axes, accs, strict=True)]
   if combine:
     wide = widest_accumulation_dtype(leaves)
-    sums = [sum(s.astype(wide) for s in sums)]
+    sums = [functools.reduce(jnp.add, [s.astype(wide) for s in sums])]
   overflow = jnp.any(jnp.stack([jnp.any(jnp.isposinf(s)) for s in sums]))
 
   def plain():
@@ -125,7 +130,7 @@ def block_norms(
 
   def rescaled():
     norms = [
-        _rescaled_norm(x, a, acc) for x, a, acc in zip(leaves, axes, accs, strict=True)
+      _rescaled_norm(x, a, acc) for x, a, acc in zip(leaves, axes, accs, strict=True)
     ]
     if combine:
       return [_hypot([n.astype(sums[0].dtype) for n in norms])]
@@ -159,7 +164,7 @@ def normalize_axes(call: str, x: jax.Array, axis: AxisSpec) -> Axes:
   ndim = x.ndim
   if any(not -ndim <= a < ndim for a in ax):
     raise ValueError(
-        f"{call}: axis={resolved!r} is out of range for a leaf of shape {x.shape}."
+      f"{call}: axis={resolved!r} is out of range for a leaf of shape {x.shape}."
     )
   return tuple(sorted(a % ndim for a in ax))
 
@@ -184,8 +189,8 @@ def unit_axes(x: jax.Array, axis: Axes = None) -> Axes:
   if rank == 5:
     return (0, 1, 2, 3)
   raise ValueError(
-      f"Expected parameter with shape in {1, 2, 3, 4, 5}, got {shape}. "
-      "Use axis parameter to specify reduction axes for other shapes."
+    f"Expected parameter with shape in {1, 2, 3, 4, 5}, got {shape}. "
+    "Use axis parameter to specify reduction axes for other shapes."
   )
 
 

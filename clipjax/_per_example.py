@@ -23,13 +23,11 @@ class PerExampleClipInfo(NamedTuple):
 
 def _check_batch_dim(call: str, grads: Any) -> list[jax.Array]:
   leaves = [jnp.asarray(g) for g in jax.tree.leaves(grads)]
-  if not leaves or any(
-      g.ndim < 1 or g.shape[0] != leaves[0].shape[0] for g in leaves
-  ):
+  if not leaves or any(g.ndim < 1 or g.shape[0] != leaves[0].shape[0] for g in leaves):
     raise ValueError(
-        f"Unlike other transforms, `{call}` expects `grads` to have a batch"
-        " dimension in the 0th axis; got shapes:"
-        f" {jax.tree.map(jnp.shape, grads)}."
+      f"Unlike other transforms, `{call}` expects `grads` to have a batch"
+      " dimension in the 0th axis; got shapes:"
+      f" {jax.tree.map(jnp.shape, grads)}."
     )
   return leaves
 
@@ -39,10 +37,10 @@ def _as_float(g: jax.Array) -> jax.Array:
 
 
 def per_example_global_norm_clip(
-    grads: Any,
-    l2_norm_clip: jax.typing.ArrayLike,
-    *,
-    return_info: bool = False,
+  grads: Any,
+  l2_norm_clip: jax.typing.ArrayLike,
+  *,
+  return_info: bool = False,
 ) -> tuple[Any, jax.Array] | tuple[Any, jax.Array, PerExampleClipInfo]:
   """Sums per-example gradients, each clipped to global L2 norm ``l2_norm_clip``.
 
@@ -92,14 +90,14 @@ def per_example_global_norm_clip(
   summed = jax.tree.unflatten(treedef, [clipped_sum(g) for g in leaves])
   if return_info:
     info = PerExampleClipInfo(
-        norms.astype(jnp.float32), jnp.sum(~finite, dtype=jnp.int32)
+      norms.astype(jnp.float32), jnp.sum(~finite, dtype=jnp.int32)
     )
     return summed, num_clipped, info
   return summed, num_clipped
 
 
 def per_example_layer_norm_clip(
-    grads: Any, global_l2_norm_clip: jax.typing.ArrayLike, uniform: bool = True
+  grads: Any, global_l2_norm_clip: jax.typing.ArrayLike, uniform: bool = True
 ) -> tuple[Any, Any]:
   """Clips each example's gradient layer by layer, then sums over examples.
 
@@ -137,10 +135,10 @@ def per_example_layer_norm_clip(
     total = sum(g[0].size for g in leaves)
     bounds = [global_l2_norm_clip * (g[0].size / total) ** 0.5 for g in leaves]
   results = [
-      per_example_global_norm_clip(g, b) for g, b in zip(leaves, bounds, strict=True)
+    per_example_global_norm_clip(g, b) for g, b in zip(leaves, bounds, strict=True)
   ]
   treedef = jax.tree.structure(grads)
   return (
-      jax.tree.unflatten(treedef, [r[0] for r in results]),
-      jax.tree.unflatten(treedef, [r[1] for r in results]),
+    jax.tree.unflatten(treedef, [r[0] for r in results]),
+    jax.tree.unflatten(treedef, [r[1] for r in results]),
   )

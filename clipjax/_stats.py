@@ -36,9 +36,9 @@ class ClipStats:
 
 
 jax.tree_util.register_dataclass(
-    ClipStats,
-    data_fields=["norm", "scale", "bound", "clipped_fraction"],
-    meta_fields=["name"],
+  ClipStats,
+  data_fields=["norm", "scale", "bound", "clipped_fraction"],
+  meta_fields=["name"],
 )
 
 _FIELDS = ("norm", "scale", "bound", "clipped_fraction")
@@ -51,16 +51,16 @@ def _f32(x: Any) -> jax.Array:
 def make_stats(name: str, norm: Any, scale: Any, bound: Any, clipped_fraction: Any):
   """Builds a :class:`ClipStats` with every array field cast to float32."""
   return ClipStats(
-      norm=jax.tree.map(_f32, norm),
-      scale=jax.tree.map(_f32, scale),
-      bound=jax.tree.map(_f32, bound),
-      clipped_fraction=_f32(clipped_fraction),
-      name=name,
+    norm=jax.tree.map(_f32, norm),
+    scale=jax.tree.map(_f32, scale),
+    bound=jax.tree.map(_f32, bound),
+    clipped_fraction=_f32(clipped_fraction),
+    name=name,
   )
 
 
 def with_stats(
-    apply: Callable[[Any, Any], tuple[Any, ClipStats]],
+  apply: Callable[[Any, Any], tuple[Any, ClipStats]],
 ) -> optax.GradientTransformation:
   """Wraps ``apply(updates, params) -> (updates, stats)`` as a transformation.
 
@@ -79,6 +79,11 @@ def with_stats(
     return apply(updates, params)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_box(key: Any) -> bool:
+  """True for the ``.value`` step of a wrapper such as a Flax NNX variable."""
+  return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
 
 
 def _key_name(key: Any) -> str:
@@ -114,7 +119,7 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
      'clip_by_global_norm/bound': 1.0, 'clip_by_global_norm/clipped_fraction': 1.0}
   """
   found = jax.tree_util.tree_flatten_with_path(
-      opt_state, is_leaf=lambda x: isinstance(x, ClipStats)
+    opt_state, is_leaf=lambda x: isinstance(x, ClipStats)
   )[0]
   out: dict[str, jax.Array] = {}
   seen: dict[str, int] = {}
@@ -122,9 +127,9 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     if not isinstance(node, ClipStats):
       continue
     labels = [
-        str(k.key)
-        for k in path
-        if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)
+      str(k.key)
+      for k in path
+      if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)
     ]
     base = "/".join([*labels, node.name])
     count = seen.get(base, 0)
@@ -134,6 +139,6 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     for field in _FIELDS:
       value = getattr(node, field)
       for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-        suffix = "".join("/" + _key_name(k) for k in leaf_path)
+        suffix = "".join("/" + _key_name(k) for k in leaf_path if not _is_box(k))
         out[f"{base}/{field}{suffix}"] = leaf
   return out
