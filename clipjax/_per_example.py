@@ -15,7 +15,15 @@ from clipjax._checks import check_bound
 
 
 class PerExampleClipInfo(NamedTuple):
-  """Per-example detail of a clipped sum."""
+  """Per-example detail of a clipped sum.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> g = {"w": jnp.array([[3.0, 4.0], [jnp.inf, 0.0]])}
+    >>> _, _, info = clipjax.per_example_global_norm_clip(g, 1.0, return_info=True)
+    >>> print(info.norms, info.num_nonfinite)
+    [ 5. inf] 1
+  """
 
   norms: jax.Array  # shape=(B,), float32: each example's norm before clipping
   num_nonfinite: jax.Array  # shape=(), int32: examples dropped as not finite
@@ -83,8 +91,8 @@ def per_example_global_norm_clip(
   def clipped_sum(g):
     acc = _norms.accumulation_dtype(g.dtype)
     keep = jnp.expand_dims(finite, tuple(range(1, g.ndim)))
-    g = jnp.where(keep, g, jnp.zeros((), g.dtype)).astype(acc)
-    return jnp.tensordot(multipliers.astype(acc), g, axes=1).astype(g.dtype)
+    kept = jnp.where(keep, g, jnp.zeros((), g.dtype)).astype(acc)
+    return jnp.tensordot(multipliers.astype(acc), kept, axes=1).astype(g.dtype)
 
   treedef = jax.tree.structure(grads)
   summed = jax.tree.unflatten(treedef, [clipped_sum(g) for g in leaves])

@@ -26,6 +26,13 @@ class ClipStats:
     bound: the bound in force, a scalar or shaped like ``norm``.
     clipped_fraction: shape ``()``: the fraction of blocks scaled down.
     name: the clipper's name (static).
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.clip_by_norm(1.0)
+    >>> _, stats = tx.update({"a": jnp.array([3.0, 4.0]), "b": jnp.ones(2)}, None)
+    >>> print(stats.name, stats.norm["a"], stats.scale["a"], stats.clipped_fraction)
+    clip_by_norm 5.0 0.2 1.0
   """
 
   norm: Any
