@@ -65,16 +65,19 @@ def test_unitwise_functions_match_optax():
     n = clipjax.unitwise_norm(x)
     bound = jnp.full_like(n, 0.5)
     chex.assert_trees_all_close(
-      clipjax.unitwise_clip(n, bound, x), optax.transforms.unitwise_clip(n, bound, x), rtol=1e-6
+      clipjax.unitwise_clip(n, bound, x),
+      optax.transforms.unitwise_clip(n, bound, x),
+      rtol=1e-6,
     )
   x = jnp.ones((2, 3, 4))
   chex.assert_trees_all_close(
-    clipjax.unitwise_norm(x, axis=(1, 2)), optax.transforms.unitwise_norm(x, axis=(1, 2))
+    clipjax.unitwise_norm(x, axis=(1, 2)),
+    optax.transforms.unitwise_norm(x, axis=(1, 2)),
   )
 
 
 def test_unitwise_clip_rejects_mismatched_shapes():
-  with pytest.raises(ValueError, match="unitwise_clip: .* one shape"):
+  with pytest.raises(ValueError, match=r"unitwise_clip: .* one shape"):
     clipjax.unitwise_clip(jnp.ones(3), jnp.ones(2), jnp.ones(3))
 
 
@@ -322,8 +325,8 @@ def test_agc_without_params_raises():
 
 
 def test_empty_tree_and_none_leaves():
-  for name, args in OPTAX_TWINS[:4] + [("clip_by_norm", (1.0,))]:
+  for name, args in [*OPTAX_TWINS[:4], ("clip_by_norm", (1.0,))]:
     tx = getattr(clipjax, name)(*args)
     for tree in ({}, {"a": None, "b": jnp.ones(2)}):
-      u, state = tx.update(tree, tx.init(tree), tree)
+      u, _state = tx.update(tree, tx.init(tree), tree)
       assert jax.tree.structure(u) == jax.tree.structure(tree)

@@ -69,7 +69,10 @@ def test_half_precision_sum_accumulates_in_float32():
   chex.assert_trees_all_equal_dtypes(summed, jax.tree.map(lambda x: x[0], grads))
   expected, _ = _loop_reference(grads, 1.0)
   chex.assert_trees_all_close(
-    jax.tree.map(lambda x: x.astype(jnp.float32), summed), expected, rtol=2e-2, atol=1e-2
+    jax.tree.map(lambda x: x.astype(jnp.float32), summed),
+    expected,
+    rtol=2e-2,
+    atol=1e-2,
   )
 
 
@@ -91,6 +94,8 @@ def test_layer_clip_matches_optax_and_per_leaf_loop(uniform):
 
 def test_missing_batch_dimension_is_a_clear_error():
   with pytest.raises(ValueError, match="expects `grads` to have a batch dimension"):
-    clipjax.per_example_global_norm_clip({"a": jnp.ones((3,)), "b": jnp.ones((2,))}, 1.0)
+    clipjax.per_example_global_norm_clip(
+      {"a": jnp.ones((3,)), "b": jnp.ones((2,))}, 1.0
+    )
   with pytest.raises(ValueError, match="per_example_layer_norm_clip"):
     clipjax.per_example_layer_norm_clip([jnp.ones(())], 1.0)

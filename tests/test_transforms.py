@@ -74,7 +74,9 @@ def test_wrappers_and_clip_stats_names():
   )
 
   # Repeated clippers get distinct names.
-  twice = optax.chain(clipjax.clip_by_global_norm(2.0), clipjax.clip_by_global_norm(1.0))
+  twice = optax.chain(
+    clipjax.clip_by_global_norm(2.0), clipjax.clip_by_global_norm(1.0)
+  )
   _, state = twice.update(grads, twice.init(params))
   stats = clipjax.clip_stats(state)
   assert float(stats["clip_by_global_norm/bound"]) == 2.0
@@ -202,7 +204,7 @@ def test_sharded_arrays_keep_their_sharding(name):
 def test_dtypes_are_kept_and_match_float32(name, dtype):
   params, grads = _params(dtype=dtype), _grads(dtype=dtype)
   tx = CLIPPERS[name](0.5)
-  u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  u, _state = jax.jit(tx.update)(grads, tx.init(params), params)
   chex.assert_trees_all_equal_dtypes(u, grads)
   p32, g32 = (jax.tree.map(lambda x: x.astype(jnp.float32), t) for t in (params, grads))
   ref, _ = tx.update(g32, tx.init(p32), p32)
