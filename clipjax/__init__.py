@@ -1,5 +1,18 @@
 """clipjax: gradient clipping and compression as composable optax transformations."""
 
+from clipjax._adaptive import AdaGCState as AdaGCState
+from clipjax._adaptive import AutoClipState as AutoClipState
+from clipjax._adaptive import QuantileClipState as QuantileClipState
+from clipjax._adaptive import SkipAndClipState as SkipAndClipState
+from clipjax._adaptive import SpamClipState as SpamClipState
+from clipjax._adaptive import ZClipState as ZClipState
+from clipjax._adaptive import adagc as adagc
+from clipjax._adaptive import autoclip as autoclip
+from clipjax._adaptive import clippy as clippy
+from clipjax._adaptive import quantile_clip as quantile_clip
+from clipjax._adaptive import skip_and_clip as skip_and_clip
+from clipjax._adaptive import spam_clip as spam_clip
+from clipjax._adaptive import zclip as zclip
 from clipjax._clipping import adaptive_grad_clip as adaptive_grad_clip
 from clipjax._clipping import clip as clip
 from clipjax._clipping import clip_by_block_rms as clip_by_block_rms
@@ -22,18 +35,31 @@ from clipjax._stats import clip_stats as clip_stats
 __version__ = "0.1.0"
 
 __all__ = (
+  "AdaGCState",
+  "AutoClipState",
   "ClipStats",
   "PerExampleClipInfo",
+  "QuantileClipState",
+  "SkipAndClipState",
+  "SpamClipState",
+  "ZClipState",
+  "adagc",
   "adaptive_grad_clip",
+  "autoclip",
   "clip",
   "clip_by_block_rms",
   "clip_by_global_norm",
   "clip_by_group_norm",
   "clip_by_norm",
   "clip_stats",
+  "clippy",
   "global_norm",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
+  "quantile_clip",
+  "skip_and_clip",
+  "spam_clip",
   "unitwise_clip",
   "unitwise_norm",
+  "zclip",
 )

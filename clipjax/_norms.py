@@ -90,7 +90,7 @@ def _rescaled_norm(x: jax.Array, axis: Axes, acc: np.dtype) -> jax.Array:
   return jnp.squeeze(norm, axis=axis)
 
 
-def _hypot(norms: Sequence[jax.Array]) -> jax.Array:
+def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
   """sqrt(sum(n**2)) over a sequence of same-shape norms, without overflow."""
   stacked = jnp.stack(norms)
   m = jnp.max(stacked, axis=0)
@@ -133,7 +133,7 @@ def block_norms(
       _rescaled_norm(x, a, acc) for x, a, acc in zip(leaves, axes, accs, strict=True)
     ]
     if combine:
-      return [_hypot([n.astype(sums[0].dtype) for n in norms])]
+      return [combine_norms([n.astype(sums[0].dtype) for n in norms])]
     return norms
 
   # Overflow is rare, so the rescaled pass runs only when it happens.

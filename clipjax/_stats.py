@@ -25,6 +25,8 @@ class ClipStats:
     scale: the factor applied, shaped like ``norm`` (1.0 = untouched).
     bound: the bound in force, a scalar or shaped like ``norm``.
     clipped_fraction: shape ``()``: the fraction of blocks scaled down.
+    extra: clipper-specific values by name (e.g. ``zclip``'s EMA mean, the
+      steps ``skip_and_clip`` skipped); empty for most clippers.
     name: the clipper's name (static).
 
   Examples:
@@ -39,12 +41,13 @@ class ClipStats:
   scale: Any
   bound: Any
   clipped_fraction: jax.Array
+  extra: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
   name: str = "clip"
 
 
 jax.tree_util.register_dataclass(
   ClipStats,
-  data_fields=["norm", "scale", "bound", "clipped_fraction"],
+  data_fields=["norm", "scale", "bound", "clipped_fraction", "extra"],
   meta_fields=["name"],
 )
 
@@ -55,13 +58,24 @@ def _f32(x: Any) -> jax.Array:
   return jnp.asarray(x).astype(jnp.float32)
 
 
-def make_stats(name: str, norm: Any, scale: Any, bound: Any, clipped_fraction: Any):
-  """Builds a :class:`ClipStats` with every array field cast to float32."""
+def make_stats(
+  name: str,
+  norm: Any,
+  scale: Any,
+  bound: Any,
+  clipped_fraction: Any,
+  extra: dict[str, Any] | None = None,
+) -> ClipStats:
+  """Builds a :class:`ClipStats`, casting the main fields to float32.
+
+  ``extra`` values keep their dtype (counters stay int32).
+  """
   return ClipStats(
     norm=jax.tree.map(_f32, norm),
     scale=jax.tree.map(_f32, scale),
     bound=jax.tree.map(_f32, bound),
     clipped_fraction=_f32(clipped_fraction),
+    extra={k: jnp.asarray(v) for k, v in (extra or {}).items()},
     name=name,
   )
 
@@ -148,4 +162,6 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
       for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
         suffix = "".join("/" + _key_name(k) for k in leaf_path if not _is_box(k))
         out[f"{base}/{field}{suffix}"] = leaf
+    for key, value in node.extra.items():
+      out[f"{base}/{key}"] = getattr(value, "value", value)
   return out

@@ -1,0 +1,739 @@
+"""Clippers whose bound is learned from the history of norms, and spike guards.
+
+Each keeps its history in a ``NamedTuple`` state (checkpointable, vmappable
+over an ensemble axis), with its last :class:`~clipjax.ClipStats` in a
+``stats`` field so that :func:`~clipjax.clip_stats` finds it.
+
+Non-finite gradients are a documented choice, never an accident. For every
+clipper here a step whose global norm is NaN or infinite leaves the history
+untouched (a single NaN never poisons it) and is counted in
+``extra["nonfinite_steps"]``; the update itself follows ``nonfinite``:
+``"zero"`` (default) emits zeros, ``"propagate"`` passes it through unchanged
+for a later guard such as ``optax.apply_if_finite``. To skip the step for the
+optimizer as well (its state left untouched), wrap the optimizer in
+:func:`skip_and_clip`.
+"""
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipjax import _norms
+from clipjax._checks import check_bound, is_concrete
+from clipjax._clipping import _NO_PARAMS
+from clipjax._stats import ClipStats, make_stats, with_stats
+
+NonFinite = Literal["zero", "propagate"]
+_NONFINITE = ("zero", "propagate")
+
+
+def _check_choice(call: str, name: str, value: Any, choices: tuple[str, ...]):
+  if value not in choices:
+    raise ValueError(f"{call}({name}={value!r}) must be one of {choices}.")
+
+
+def _check_fraction(call: str, name: str, value: Any, *, closed: bool = False):
+  """Raises unless a concrete ``value`` lies in [0, 1) ([0, 1] if ``closed``)."""
+  if not is_concrete(value):
+    return
+  ok = 0.0 <= float(value) <= 1.0 if closed else 0.0 <= float(value) < 1.0
+  if not ok:
+    interval = "[0, 1]" if closed else "[0, 1)"
+    raise ValueError(f"{call}({name}={value!r}) must be in {interval}.")
+
+
+def _check_steps(call: str, name: str, value: Any, minimum: int):
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f"{call}({name}={value!r}) must be an int >= {minimum}.")
+
+
+def _finish(updates: Any, scales: Any, finite: jax.Array, nonfinite: str) -> Any:
+  """Scales each leaf (``scales``: a scalar or one per leaf); zeroes a bad step."""
+  leaves, treedef = jax.tree.flatten(updates)
+  if not isinstance(scales, list):
+    scales = [scales] * len(leaves)
+  out = []
+  for x, s in zip(leaves, scales, strict=True):
+    y = _norms.scale_leaf(x, s)
+    if nonfinite == "zero":
+      y = jnp.where(finite, y, jnp.zeros((), y.dtype))
+    out.append(y)
+  return jax.tree.unflatten(treedef, out)
+
+
+def _leaf_norms(call: str, updates: Any) -> tuple[list[jax.Array], jax.Array]:
+  """Each leaf's L2 norm (float32) and the global norm made from them."""
+  _norms.check_float_leaves(call, updates)
+  leaves = jax.tree.leaves(updates)
+  norms = [
+    n.astype(jnp.float32) for n in _norms.block_norms(leaves, [None] * len(leaves))
+  ]
+  total = _norms.combine_norms(norms) if norms else jnp.zeros((), jnp.float32)
+  return norms, total
+
+
+def _global_norm(call: str, updates: Any) -> jax.Array:
+  _norms.check_float_leaves(call, updates)
+  return _norms.global_norm(updates).astype(jnp.float32)
+
+
+def _count(finite: jax.Array) -> jax.Array:
+  return finite.astype(jnp.int32)
+
+
+# --- AutoClip ------------------------------------------------------------------
+
+
+class AutoClipState(NamedTuple):
+  """AutoClip's window of past global norms."""
+
+  history: jax.Array  # shape=(window,), float32: a ring buffer of norms
+  count: jax.Array  # shape=(), int32: finite norms recorded so far
+  stats: ClipStats
+
+
+def _percentile(history: jax.Array, n: jax.Array, q: Any) -> jax.Array:
+  """``np.percentile`` (linear interpolation) of the first ``n`` entries."""
+  window = history.shape[0]
+  valid = jnp.arange(window) < n
+  ordered = jnp.sort(jnp.where(valid, history, jnp.inf))
+  pos = jnp.asarray(q, jnp.float32) / 100.0 * (n - 1).astype(jnp.float32)
+  lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, window - 1)
+  hi = jnp.clip(lo + 1, 0, jnp.maximum(n - 1, 0))
+  frac = pos - lo.astype(jnp.float32)
+  value = ordered[lo] + frac * (ordered[hi] - ordered[lo])
+  return jnp.where(n > 0, value, jnp.inf)
+
+
+def autoclip(
+  percentile: jax.typing.ArrayLike = 10.0,
+  *,
+  window: int = 1000,
+  nonfinite: NonFinite = "zero",
+) -> optax.GradientTransformation:
+  """Clips the global norm to a percentile of the norms seen so far (AutoClip).
+
+  Each step records the current global norm, then clips to the ``percentile``-th
+  percentile (linear interpolation, as ``np.percentile``) of the recorded norms,
+  the current one included, as in the reference code. The paper keeps every
+  norm; here the last ``window`` live in a ring buffer, so memory does not grow
+  with the step count. The first step is never clipped (its norm is its own
+  percentile), and until ``window`` norms are recorded the percentile is over
+  those seen.
+
+  Args:
+    percentile: in ``[0, 100]``; the paper recommends 10.
+    window: how many past norms to keep (static).
+    nonfinite: what a step with a non-finite norm gets (see the module doc).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`AutoClipState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.autoclip(50.0, window=4)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for g in [1.0, 3.0, 2.0, 10.0]:
+    ...   u, state = tx.update(jnp.array([g]), state)
+    >>> print(u, state.stats.bound)  # median of 1, 3, 2, 10
+    [2.5] 2.5
+
+  References:
+    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+  """
+  call = "autoclip"
+  if is_concrete(percentile) and not 0.0 <= float(percentile) <= 100.0:
+    raise ValueError(f"{call}(percentile={percentile!r}) must be in [0, 100].")
+  _check_steps(call, "window", window, 1)
+  _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
+
+  def init_fn(params):
+    del params
+    return AutoClipState(
+      history=jnp.zeros((window,), jnp.float32),
+      count=jnp.zeros((), jnp.int32),
+      stats=_scalar_stats(call, {"nonfinite_steps": jnp.zeros((), jnp.int32)}),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = _global_norm(call, updates)
+    finite = jnp.isfinite(norm)
+    slot = state.count % window
+    history = jnp.where(finite, state.history.at[slot].set(norm), state.history)
+    count = state.count + _count(finite)
+    bound = _percentile(history, jnp.minimum(count, window), percentile)
+    scale = _norms.clip_scale(norm, bound)
+    extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
+    stats = make_stats(call, norm, scale, bound, scale < 1, extra)
+    return _finish(updates, scale, finite, nonfinite), AutoClipState(
+      history, count, stats
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _scalar_stats(name: str, extra: dict[str, Any]) -> ClipStats:
+  zero = jnp.zeros((), jnp.float32)
+  return make_stats(name, zero, zero, zero, zero, extra)
+
+
+# --- ZClip -----------------------------------------------------------------------
+
+
+class ZClipState(NamedTuple):
+  """ZClip's running mean and variance of the global norm."""
+
+  count: jax.Array  # shape=(), int32: finite norms seen so far
+  mean: jax.Array  # shape=(), float32: mean (EMA after warm-up)
+  var: jax.Array  # shape=(), float32: variance (EMA after warm-up)
+  stats: ClipStats
+
+
+def zclip(
+  alpha: jax.typing.ArrayLike = 0.97,
+  z_thresh: jax.typing.ArrayLike = 2.5,
+  warmup_steps: int = 25,
+  *,
+  mode: Literal["adaptive_scaling", "mean"] = "adaptive_scaling",
+  max_norm: jax.typing.ArrayLike | None = None,
+  eps: float = 1e-6,
+  nonfinite: NonFinite = "zero",
+) -> optax.GradientTransformation:
+  """Clips global-norm spikes detected by a z-score over an EMA (ZClip).
+
+  During the first ``warmup_steps`` finite steps the norms' mean and variance
+  are accumulated exactly (and only ``max_norm`` clips). Afterwards, with
+  ``mu``, ``sigma`` the EMA mean and standard deviation, the z-score is
+  ``z = (||g|| - mu) / (sigma + eps)``; if ``z > z_thresh`` the update is
+  clipped to ``mu + z_thresh**2 * sigma / z`` (mode ``"adaptive_scaling"``:
+  the stronger the outlier, the lower the bound) or to ``mu`` (mode
+  ``"mean"``). The EMA is then updated with the clipped norm:
+  ``mu <- alpha * mu + (1 - alpha) * n``, ``var <- alpha * var + (1 - alpha) *
+  (n - mu)**2``. ``max_norm``, if given, is a hard ceiling at every step.
+
+  Args:
+    alpha: EMA factor in ``[0, 1)``.
+    z_thresh: the z-score above which a norm is a spike (> 0).
+    warmup_steps: finite steps used to initialise the statistics (>= 1).
+    mode: ``"adaptive_scaling"`` or ``"mean"``.
+    max_norm: an optional fixed ceiling on the global norm.
+    eps: added to ``sigma`` in the z-score.
+    nonfinite: what a step with a non-finite norm gets (see the module doc).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ZClipState`; its
+    stats' ``extra`` holds ``mean``, ``std``, ``z`` and ``nonfinite_steps``.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.zclip(warmup_steps=4)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for g in [1.0, 1.2, 0.8, 1.0, 50.0]:
+    ...   u, state = tx.update(jnp.array([g]), state)
+    >>> print(u, state.stats.extra["z"] > 2.5)
+    [1.00255...] True
+
+  References:
+    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_, 2025.
+  """
+  call = "zclip"
+  _check_fraction(call, "alpha", alpha)
+  check_bound(call, "z_thresh", z_thresh, positive=True)
+  _check_steps(call, "warmup_steps", warmup_steps, 1)
+  _check_choice(call, "mode", mode, ("adaptive_scaling", "mean"))
+  if max_norm is not None:
+    check_bound(call, "max_norm", max_norm)
+  check_bound(call, "eps", eps)
+  _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
+  ceiling = jnp.inf if max_norm is None else max_norm
+
+  def init_fn(params):
+    del params
+    zero = jnp.zeros((), jnp.float32)
+    extra = {"mean": zero, "std": zero, "z": zero}
+    extra["nonfinite_steps"] = jnp.zeros((), jnp.int32)
+    return ZClipState(jnp.zeros((), jnp.int32), zero, zero, _scalar_stats(call, extra))
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = _global_norm(call, updates)
+    finite = jnp.isfinite(norm)
+    count, mean, var = state.count, state.mean, state.var
+    warm = count < warmup_steps
+
+    # Warm-up: exact running mean and (population) variance, Welford's way.
+    n = (count + 1).astype(jnp.float32)
+    delta = norm - mean
+    warm_mean = mean + delta / n
+    warm_var = (var * count.astype(jnp.float32) + delta * (norm - warm_mean)) / n
+
+    std = jnp.sqrt(var)
+    z = (norm - mean) / (std + eps)
+    spike = ~warm & (z > z_thresh)
+    safe_z = jnp.where(spike, z, jnp.ones_like(z))
+    # The stronger the outlier, the lower the adaptive bound.
+    adaptive_bound = mean + jnp.square(z_thresh) * std / safe_z
+    spike_bound = mean if mode == "mean" else adaptive_bound
+    adaptive = jnp.where(spike, spike_bound, jnp.inf)
+    bound = jnp.minimum(adaptive, jnp.asarray(ceiling, jnp.float32))
+    scale = _norms.clip_scale(norm, bound)
+
+    seen = jnp.where(spike, spike_bound, norm)  # the EMA sees the clipped norm
+    ema_mean = alpha * mean + (1 - alpha) * seen
+    ema_var = alpha * var + (1 - alpha) * jnp.square(seen - ema_mean)
+    new_mean = jnp.where(finite, jnp.where(warm, warm_mean, ema_mean), mean)
+    new_var = jnp.where(finite, jnp.where(warm, warm_var, ema_var), var)
+
+    extra = {
+      "mean": new_mean,
+      "std": jnp.sqrt(new_var),
+      "z": jnp.where(warm, jnp.zeros_like(z), z),
+      "nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite),
+    }
+    stats = make_stats(call, norm, scale, bound, scale < 1, extra)
+    new_state = ZClipState(count + _count(finite), new_mean, new_var, stats)
+    return _finish(updates, scale, finite, nonfinite), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --- AdaGC -----------------------------------------------------------------------
+
+
+class AdaGCState(NamedTuple):
+  """AdaGC's per-tensor EMA of clipped norms."""
+
+  count: jax.Array  # shape=(), int32: finite steps seen
+  gamma: Any  # a tree like the params, one float32 scalar per leaf
+  stats: ClipStats
+
+
+def adagc(
+  relative: jax.typing.ArrayLike = 1.05,
+  beta: jax.typing.ArrayLike = 0.98,
+  warmup_steps: int = 100,
+  warmup_max_norm: jax.typing.ArrayLike = 1.0,
+  *,
+  nonfinite: NonFinite = "zero",
+) -> optax.GradientTransformation:
+  """Per-tensor clipping to ``relative`` times an EMA of each tensor's norm.
+
+  AdaGC. During warm-up (steps ``t < warmup_steps``, counted from 1, as in the
+  reference code) the whole update is clipped to global norm
+  ``warmup_max_norm`` and each tensor's ``gamma`` tracks the smallest clipped
+  norm seen. Afterwards tensor ``i`` is clipped to ``relative * gamma_i`` and
+  ``gamma_i <- beta * gamma_i + (1 - beta) * ||clipped g_i||``. A tensor with no
+  nonzero gradient yet has no history and is not clipped (the reference would
+  zero it for ever).
+
+  Args:
+    relative: the bound relative to the EMA (``lambda_rel``, > 0).
+    beta: EMA factor in ``[0, 1)``.
+    warmup_steps: length of the warm-up (>= 1).
+    warmup_max_norm: the global bound during warm-up (``lambda_abs``).
+    nonfinite: what a step with a non-finite norm gets (see the module doc).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`AdaGCState`; its
+    stats hold one norm, scale and bound per tensor.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.adagc(warmup_steps=2, warmup_max_norm=10.0)
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
+    >>> state = tx.init(g)
+    >>> _, state = tx.update(g, state)  # warm-up: gamma = (5, 1)
+    >>> spike = {"a": jnp.array([30.0, 40.0]), "b": jnp.array([1.0])}
+    >>> u, state = tx.update(spike, state)
+    >>> print(u["a"], u["b"])  # "a" clipped to 1.05 * 5, "b" untouched
+    [3.15 4.2 ] [1.]
+
+  References:
+    Wang et al., `AdaGC: Improving Training Stability for Large Language Model
+    Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+  """
+  call = "adagc"
+  check_bound(call, "relative", relative, positive=True)
+  _check_fraction(call, "beta", beta)
+  _check_steps(call, "warmup_steps", warmup_steps, 1)
+  check_bound(call, "warmup_max_norm", warmup_max_norm)
+  _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
+
+  def init_fn(params):
+    zeros = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    extra = {"nonfinite_steps": jnp.zeros((), jnp.int32)}
+    stats = make_stats(call, zeros, zeros, zeros, 0.0, extra)
+    return AdaGCState(jnp.zeros((), jnp.int32), zeros, stats)
+
+  def update_fn(updates, state, params=None):
+    del params
+    norms, total = _leaf_norms(call, updates)
+    finite = jnp.isfinite(total)
+    treedef = jax.tree.structure(updates)
+    gammas = treedef.flatten_up_to(state.gamma)  # type: ignore[attr-defined]
+    first = state.count == 0
+    warm = first | (state.count + 1 < warmup_steps)
+
+    warm_scale = _norms.clip_scale(total, warmup_max_norm)
+    bounds, scales, new_gammas = [], [], []
+    for n, gamma in zip(norms, gammas, strict=True):
+      known = gamma > 0
+      rel_bound = jnp.where(known, relative * gamma, jnp.inf)
+      bound = jnp.where(warm, jnp.asarray(warmup_max_norm, jnp.float32), rel_bound)
+      scale = jnp.where(warm, warm_scale, _norms.clip_scale(n, rel_bound))
+      clipped = n * scale
+      # gamma == 0 means "no history yet"; a zero norm is not an observation.
+      smallest = jnp.where(known, jnp.minimum(gamma, clipped), clipped)
+      warm_gamma = jnp.where(clipped > 0, smallest, gamma)
+      ema_gamma = jnp.where(known, beta * gamma + (1 - beta) * clipped, clipped)
+      gamma_next = jnp.where(warm, warm_gamma, ema_gamma)
+      new_gammas.append(jnp.where(finite, gamma_next, gamma))
+      bounds.append(bound)
+      scales.append(scale)
+
+    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    fraction = jnp.mean(jnp.stack([s < 1 for s in scales])) if scales else 0.0
+    extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
+    stats = make_stats(
+      call, unflatten(norms), unflatten(scales), unflatten(bounds), fraction, extra
+    )
+    new_state = AdaGCState(state.count + _count(finite), unflatten(new_gammas), stats)
+    return _finish(updates, scales, finite, nonfinite), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --- quantile clipping -----------------------------------------------------------
+
+
+class QuantileClipState(NamedTuple):
+  """The bound learned by geometric quantile updates."""
+
+  max_norm: jax.Array  # shape=(), float32: the bound for the next update
+  stats: ClipStats
+
+
+def quantile_clip(
+  target_quantile: jax.typing.ArrayLike = 0.5,
+  learning_rate: jax.typing.ArrayLike = 0.2,
+  initial_max_norm: jax.typing.ArrayLike = 1.0,
+  *,
+  nonfinite: NonFinite = "zero",
+) -> optax.GradientTransformation:
+  """Per-tensor clipping to a bound that tracks a quantile of the tensor norms.
+
+  Each tensor is clipped to the current bound ``C``; then, with ``b`` the
+  fraction of tensors that were not clipped (norm ``<= C``),
+  ``C <- C * exp(-learning_rate * (b - target_quantile))``: the geometric
+  update of Andrew et al., here over the tensors of one update rather than over
+  the examples of a batch (the noised per-example form is for privacy).
+
+  Args:
+    target_quantile: the fraction of tensors to leave unclipped, in ``[0, 1]``.
+    learning_rate: the step size of the geometric update (>= 0).
+    initial_max_norm: the first bound (> 0).
+    nonfinite: what a step with a non-finite norm gets (see the module doc).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`QuantileClipState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.quantile_clip(0.5, learning_rate=0.2, initial_max_norm=1.0)
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> print(u["a"], u["b"], state.max_norm)  # half unclipped: C stays
+    [0.6 0.8] [0.5] 1.0
+
+  References:
+    Andrew et al., `Differentially Private Learning with Adaptive Clipping
+    <https://arxiv.org/abs/1905.03871>`_, 2021.
+  """
+  call = "quantile_clip"
+  _check_fraction(call, "target_quantile", target_quantile, closed=True)
+  check_bound(call, "learning_rate", learning_rate)
+  check_bound(call, "initial_max_norm", initial_max_norm, positive=True)
+  _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
+
+  def init_fn(params):
+    del params
+    extra = {
+      "unclipped_fraction": jnp.zeros((), jnp.float32),
+      "nonfinite_steps": jnp.zeros((), jnp.int32),
+    }
+    bound = jnp.asarray(initial_max_norm, jnp.float32)
+    return QuantileClipState(bound, _scalar_stats(call, extra))
+
+  def update_fn(updates, state, params=None):
+    del params
+    norms, total = _leaf_norms(call, updates)
+    finite = jnp.isfinite(total)
+    bound = state.max_norm
+    scales = [_norms.clip_scale(n, bound) for n in norms]
+    if norms:
+      unclipped = jnp.mean(jnp.stack([n <= bound for n in norms]).astype(jnp.float32))
+      step = jnp.exp(-learning_rate * (unclipped - target_quantile))
+      new_bound = jnp.where(finite, bound * step, bound)
+    else:
+      unclipped, new_bound = jnp.ones((), jnp.float32), bound
+    extra = {
+      "unclipped_fraction": unclipped,
+      "nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite),
+    }
+    smallest = jnp.min(jnp.stack(scales)) if scales else jnp.ones((), jnp.float32)
+    stats = make_stats(call, total, smallest, bound, 1.0 - unclipped, extra)
+    new_state = QuantileClipState(new_bound.astype(jnp.float32), stats)
+    return _finish(updates, scales, finite, nonfinite), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --- Clippy ----------------------------------------------------------------------
+
+
+def clippy(
+  relative: jax.typing.ArrayLike = 0.1, absolute: jax.typing.ArrayLike = 1e-7
+) -> optax.GradientTransformation:
+  """Scales each tensor's update so no coordinate moves more than its allowance.
+
+  Clippy: tensor ``i``'s update ``u`` is multiplied by
+  ``min(1, min_j (relative * |w_j| + absolute) / |u_j|)``, so the direction is
+  kept and every coordinate moves at most ``relative * |w_j| + absolute``. It
+  bounds the update it receives, so chain it after the optimizer:
+  ``optax.chain(optax.adagrad(lr), clipjax.clippy())``. Stateless; a non-finite
+  update propagates. The defaults are those of the reference implementation
+  (TensorFlow Recommenders' ``ClippyAdagrad``).
+
+  Args:
+    relative: the allowance relative to ``|w|`` (>= 0).
+    absolute: the allowance added to it (>= 0; > 0 lets zero weights move).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
+    with, per tensor, ``norm`` = the largest ``|u_j| / allowance_j`` (the
+    bound is 1). ``update`` raises ``ValueError`` without params.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.clippy(relative=0.1, absolute=0.0)
+    >>> w = jnp.array([1.0, 10.0])
+    >>> u, s = tx.update(jnp.array([0.5, 0.5]), tx.init(w), w)
+    >>> print(u, s.norm)  # 0.5 > 0.1 * 1: scaled by 0.2
+    [0.1 0.1] 5.0
+
+  References:
+    Tang et al., `Improving Training Stability for Multitask Ranking Models in
+    Recommender Systems <https://arxiv.org/abs/2302.09178>`_, 2023.
+  """
+  call = "clippy"
+  check_bound(call, "relative", relative)
+  check_bound(call, "absolute", absolute)
+
+  def apply(updates, params):
+    if params is None:
+      raise ValueError(_NO_PARAMS.format(call=call))
+    _norms.check_float_leaves(call, updates)
+    leaves, treedef = jax.tree.flatten(updates)
+    param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+    ratios, scales = [], []
+    for u, w in zip(leaves, param_leaves, strict=True):
+      allowance = relative * jnp.abs(w).astype(jnp.float32) + absolute
+      size = jnp.abs(u).astype(jnp.float32)
+      ratio = jnp.max(
+        jnp.where(size > 0, size / jnp.where(allowance > 0, allowance, 1.0), 0.0),
+        initial=0.0,
+      )
+      ratio = jnp.where(jnp.any((size > 0) & (allowance <= 0)), jnp.inf, ratio)
+      ratios.append(ratio)
+      scales.append(_norms.clip_scale(ratio, 1.0))
+    new = [_norms.scale_leaf(u, s) for u, s in zip(leaves, scales, strict=True)]
+    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+    fraction = jnp.mean(jnp.stack([s < 1 for s in scales])) if scales else 0.0
+    stats = make_stats(call, unflatten(ratios), unflatten(scales), 1.0, fraction)
+    return unflatten(new), stats
+
+  return with_stats(apply)
+
+
+# --- SPAM's spike-aware clipping -------------------------------------------------
+
+
+class SpamClipState(NamedTuple):
+  """SPAM's running second moment of each coordinate."""
+
+  count: jax.Array  # shape=(), int32: finite steps seen
+  nu: Any  # a tree like the params, float32: EMA of the clipped g**2
+  stats: ClipStats
+
+
+def spam_clip(
+  threshold: jax.typing.ArrayLike = 5000.0,
+  beta2: jax.typing.ArrayLike = 0.999,
+  *,
+  warmup_steps: int = 20,
+  nonfinite: NonFinite = "zero",
+) -> optax.GradientTransformation:
+  """Element-wise clipping of coordinates that spike against their second moment.
+
+  SPAM's spike-aware clipping: a coordinate with ``g**2 > threshold * v`` is
+  set to ``sign(g) * sqrt(threshold * v)``, where ``v`` is the running (not
+  bias-corrected) second moment ``v <- beta2 * v + (1 - beta2) * g_clipped**2``.
+  As in the reference code no clipping happens before step ``warmup_steps``
+  (``grad_accu_steps`` there). Coordinates with ``v == 0`` (never seen nonzero,
+  e.g. embedding rows used for the first time) are left alone, where the
+  reference would zero them for ever.
+
+  Args:
+    threshold: the spike threshold ``theta`` (> 0).
+    beta2: the second-moment EMA factor in ``[0, 1)``, Adam's ``b2``.
+    warmup_steps: the first step that may clip (>= 1).
+    nonfinite: what a step with a non-finite norm gets (see the module doc).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`SpamClipState`;
+    its stats hold the global norm before clipping, the ratio of the norm
+    after to before as ``scale``, and the fraction of coordinates clipped.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> tx = clipjax.spam_clip(threshold=4.0, beta2=0.5, warmup_steps=1)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> _, state = tx.update(jnp.array([1.0, 1.0]), state)  # v = 0.5
+    >>> u, state = tx.update(jnp.array([-3.0, 1.0]), state)
+    >>> print(u)  # 9 > 4 * 0.5: set to -sqrt(2)
+    [-1.4142135  1.       ]
+
+  References:
+    Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+    Training <https://arxiv.org/abs/2501.06842>`_, 2025.
+  """
+  call = "spam_clip"
+  check_bound(call, "threshold", threshold, positive=True)
+  _check_fraction(call, "beta2", beta2)
+  _check_steps(call, "warmup_steps", warmup_steps, 1)
+  _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
+
+  def init_fn(params):
+    nu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    extra = {"nonfinite_steps": jnp.zeros((), jnp.int32)}
+    return SpamClipState(jnp.zeros((), jnp.int32), nu, _scalar_stats(call, extra))
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = _global_norm(call, updates)
+    finite = jnp.isfinite(norm)
+    active = state.count + 1 >= warmup_steps
+    leaves, treedef = jax.tree.flatten(updates)
+    nus = treedef.flatten_up_to(state.nu)  # type: ignore[attr-defined]
+    new, new_nus, flags = [], [], []
+    for g, v in zip(leaves, nus, strict=True):
+      g32 = g.astype(jnp.float32)
+      limit = threshold * v
+      spike = active & (v > 0) & (jnp.square(g32) > limit)
+      clipped = jnp.where(spike, jnp.sign(g32) * jnp.sqrt(limit), g32)
+      v_next = beta2 * v + (1 - beta2) * jnp.square(clipped)
+      new.append(clipped.astype(g.dtype))
+      new_nus.append(jnp.where(finite, v_next, v))
+      flags.append(spike)
+    out = jax.tree.unflatten(treedef, new)
+    after = _norms.global_norm(out).astype(jnp.float32)
+    ratio = jnp.where(norm > 0, after / jnp.where(norm > 0, norm, 1.0), 1.0)
+    total = sum(int(f.size) for f in flags)
+    fraction = (
+      sum(jnp.sum(f, dtype=jnp.float32) for f in flags) / total if total else 0.0
+    )
+    extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
+    stats = make_stats(call, norm, ratio, threshold, fraction, extra)
+    new_state = SpamClipState(
+      state.count + _count(finite), jax.tree.unflatten(treedef, new_nus), stats
+    )
+    return _finish(out, jnp.ones((), jnp.float32), finite, nonfinite), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --- skip_and_clip ---------------------------------------------------------------
+
+
+class SkipAndClipState(NamedTuple):
+  """The wrapped optimizer's state and the guard's statistics."""
+
+  inner_state: Any  # the wrapped transformation's state (EmptyState if none)
+  stats: ClipStats
+
+
+def skip_and_clip(
+  max_norm: jax.typing.ArrayLike,
+  drop_norm: jax.typing.ArrayLike,
+  *,
+  inner: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformation:
+  """Skips steps whose global norm is above ``drop_norm`` or not finite.
+
+  A skipped step gives a zero update; with ``inner`` (an optimizer to wrap),
+  its state is left exactly as it was, so momentum and step counts are not
+  touched by the bad batch. Other steps are clipped to global norm
+  ``max_norm`` (before ``inner`` sees them).
+
+  Args:
+    max_norm: the clipping bound (may be ``inf`` to only skip).
+    drop_norm: norms above this skip the step (may be ``inf`` to skip only
+      non-finite steps).
+    inner: an optional transformation to wrap, e.g. ``optax.adam(1e-3)``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`SkipAndClipState`;
+    its stats' ``extra`` holds ``skipped`` (this step, 0 or 1) and
+    ``skipped_steps`` (so far).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> tx = clipjax.skip_and_clip(1.0, 100.0, inner=optax.sgd(0.1))
+    >>> state = tx.init(jnp.zeros(2))
+    >>> u, state = tx.update(jnp.array([3.0, 4.0]), state)
+    >>> print(u)
+    [-0.06 -0.08]
+    >>> u, state = tx.update(jnp.array([300.0, 400.0]), state)
+    >>> print(u, state.stats.extra["skipped_steps"])
+    [0. 0.] 1
+  """
+  call = "skip_and_clip"
+  check_bound(call, "max_norm", max_norm, allow_inf=True)
+  check_bound(call, "drop_norm", drop_norm, allow_inf=True)
+
+  def init_fn(params):
+    inner_state = optax.EmptyState() if inner is None else inner.init(params)
+    extra = {
+      "skipped": jnp.zeros((), jnp.int32),
+      "skipped_steps": jnp.zeros((), jnp.int32),
+    }
+    return SkipAndClipState(inner_state, _scalar_stats(call, extra))
+
+  def update_fn(updates, state, params=None):
+    norm = _global_norm(call, updates)
+    skip = ~jnp.isfinite(norm) | (norm > drop_norm)
+    scale = _norms.clip_scale(norm, max_norm)
+    clipped = _norms.scale_tree(updates, scale)
+    if inner is None:
+      out, inner_state = clipped, state.inner_state
+    else:
+      out, new_inner = inner.update(clipped, state.inner_state, params)
+      inner_state = jax.tree.map(
+        lambda old, new: jnp.where(skip, old, new), state.inner_state, new_inner
+      )
+    out = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros((), u.dtype), u), out)
+    extra = {
+      "skipped": _count(skip),
+      "skipped_steps": state.stats.extra["skipped_steps"] + _count(skip),
+    }
+    stats = make_stats(
+      call, norm, jnp.where(skip, 0.0, scale), max_norm, scale < 1, extra
+    )
+    return out, SkipAndClipState(inner_state, stats)
+
+  return optax.GradientTransformation(init_fn, update_fn)
