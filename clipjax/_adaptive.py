@@ -18,6 +18,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from clipjax import _norms
@@ -38,7 +39,8 @@ def _check_fraction(call: str, name: str, value: Any, *, closed: bool = False):
   """Raises unless a concrete ``value`` lies in [0, 1) ([0, 1] if ``closed``)."""
   if not is_concrete(value):
     return
-  ok = 0.0 <= float(value) <= 1.0 if closed else 0.0 <= float(value) < 1.0
+  v = float(np.asarray(value))
+  ok = 0.0 <= v <= 1.0 if closed else 0.0 <= v < 1.0
   if not ok:
     interval = "[0, 1]" if closed else "[0, 1)"
     raise ValueError(f"{call}({name}={value!r}) must be in {interval}.")
@@ -90,7 +92,7 @@ class AutoClipState(NamedTuple):
   """AutoClip's window of past global norms."""
 
   history: jax.Array  # shape=(window,), float32: a ring buffer of norms
-  count: jax.Array  # shape=(), int32: finite norms recorded so far
+  seen: jax.Array  # shape=(), int32: finite norms recorded so far
   stats: ClipStats
 
 
@@ -145,7 +147,7 @@ def autoclip(
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
   """
   call = "autoclip"
-  if is_concrete(percentile) and not 0.0 <= float(percentile) <= 100.0:
+  if is_concrete(percentile) and not 0.0 <= float(np.asarray(percentile)) <= 100.0:
     raise ValueError(f"{call}(percentile={percentile!r}) must be in [0, 100].")
   _check_steps(call, "window", window, 1)
   _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
@@ -154,7 +156,7 @@ def autoclip(
     del params
     return AutoClipState(
       history=jnp.zeros((window,), jnp.float32),
-      count=jnp.zeros((), jnp.int32),
+      seen=jnp.zeros((), jnp.int32),
       stats=_scalar_stats(call, {"nonfinite_steps": jnp.zeros((), jnp.int32)}),
     )
 
@@ -162,15 +164,15 @@ def autoclip(
     del params
     norm = _global_norm(call, updates)
     finite = jnp.isfinite(norm)
-    slot = state.count % window
+    slot = state.seen % window
     history = jnp.where(finite, state.history.at[slot].set(norm), state.history)
-    count = state.count + _count(finite)
-    bound = _percentile(history, jnp.minimum(count, window), percentile)
+    seen = state.seen + _count(finite)
+    bound = _percentile(history, jnp.minimum(seen, window), percentile)
     scale = _norms.clip_scale(norm, bound)
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, scale, bound, scale < 1, extra)
     return _finish(updates, scale, finite, nonfinite), AutoClipState(
-      history, count, stats
+      history, seen, stats
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -187,7 +189,7 @@ def _scalar_stats(name: str, extra: dict[str, Any]) -> ClipStats:
 class ZClipState(NamedTuple):
   """ZClip's running mean and variance of the global norm."""
 
-  count: jax.Array  # shape=(), int32: finite norms seen so far
+  seen: jax.Array  # shape=(), int32: finite norms seen so far
   mean: jax.Array  # shape=(), float32: mean (EMA after warm-up)
   var: jax.Array  # shape=(), float32: variance (EMA after warm-up)
   stats: ClipStats
@@ -263,14 +265,14 @@ def zclip(
     del params
     norm = _global_norm(call, updates)
     finite = jnp.isfinite(norm)
-    count, mean, var = state.count, state.mean, state.var
-    warm = count < warmup_steps
+    seen, mean, var = state.seen, state.mean, state.var
+    warm = seen < warmup_steps
 
     # Warm-up: exact running mean and (population) variance, Welford's way.
-    n = (count + 1).astype(jnp.float32)
+    n = (seen + 1).astype(jnp.float32)
     delta = norm - mean
     warm_mean = mean + delta / n
-    warm_var = (var * count.astype(jnp.float32) + delta * (norm - warm_mean)) / n
+    warm_var = (var * seen.astype(jnp.float32) + delta * (norm - warm_mean)) / n
 
     std = jnp.sqrt(var)
     z = (norm - mean) / (std + eps)
@@ -296,7 +298,7 @@ def zclip(
       "nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite),
     }
     stats = make_stats(call, norm, scale, bound, scale < 1, extra)
-    new_state = ZClipState(count + _count(finite), new_mean, new_var, stats)
+    new_state = ZClipState(seen + _count(finite), new_mean, new_var, stats)
     return _finish(updates, scale, finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -308,7 +310,7 @@ def zclip(
 class AdaGCState(NamedTuple):
   """AdaGC's per-tensor EMA of clipped norms."""
 
-  count: jax.Array  # shape=(), int32: finite steps seen
+  seen: jax.Array  # shape=(), int32: finite steps seen
   gamma: Any  # a tree like the params, one float32 scalar per leaf
   stats: ClipStats
 
@@ -376,8 +378,8 @@ def adagc(
     finite = jnp.isfinite(total)
     treedef = jax.tree.structure(updates)
     gammas = treedef.flatten_up_to(state.gamma)  # type: ignore[attr-defined]
-    first = state.count == 0
-    warm = first | (state.count + 1 < warmup_steps)
+    first = state.seen == 0
+    warm = first | (state.seen + 1 < warmup_steps)
 
     warm_scale = _norms.clip_scale(total, warmup_max_norm)
     bounds, scales, new_gammas = [], [], []
@@ -402,7 +404,7 @@ def adagc(
     stats = make_stats(
       call, unflatten(norms), unflatten(scales), unflatten(bounds), fraction, extra
     )
-    new_state = AdaGCState(state.count + _count(finite), unflatten(new_gammas), stats)
+    new_state = AdaGCState(state.seen + _count(finite), unflatten(new_gammas), stats)
     return _finish(updates, scales, finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -477,7 +479,7 @@ def quantile_clip(
     scales = [_norms.clip_scale(n, bound) for n in norms]
     if norms:
       unclipped = jnp.mean(jnp.stack([n <= bound for n in norms]).astype(jnp.float32))
-      step = jnp.exp(-learning_rate * (unclipped - target_quantile))
+      step = jnp.exp(-jnp.asarray(learning_rate) * (unclipped - target_quantile))
       new_bound = jnp.where(finite, bound * step, bound)
     else:
       unclipped, new_bound = jnp.ones((), jnp.float32), bound
@@ -566,7 +568,7 @@ def clippy(
 class SpamClipState(NamedTuple):
   """SPAM's running second moment of each coordinate."""
 
-  count: jax.Array  # shape=(), int32: finite steps seen
+  seen: jax.Array  # shape=(), int32: finite steps seen
   nu: Any  # a tree like the params, float32: EMA of the clipped g**2
   stats: ClipStats
 
@@ -627,7 +629,7 @@ def spam_clip(
     del params
     norm = _global_norm(call, updates)
     finite = jnp.isfinite(norm)
-    active = state.count + 1 >= warmup_steps
+    active = state.seen + 1 >= warmup_steps
     leaves, treedef = jax.tree.flatten(updates)
     nus = treedef.flatten_up_to(state.nu)  # type: ignore[attr-defined]
     new, new_nus, flags = [], [], []
@@ -650,7 +652,7 @@ def spam_clip(
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, ratio, threshold, fraction, extra)
     new_state = SpamClipState(
-      state.count + _count(finite), jax.tree.unflatten(treedef, new_nus), stats
+      state.seen + _count(finite), jax.tree.unflatten(treedef, new_nus), stats
     )
     return _finish(out, jnp.ones((), jnp.float32), finite, nonfinite), new_state
 
