@@ -285,9 +285,9 @@ def zclip(
     bound = jnp.minimum(adaptive, jnp.asarray(ceiling, jnp.float32))
     scale = _norms.clip_scale(norm, bound)
 
-    seen = jnp.where(spike, spike_bound, norm)  # the EMA sees the clipped norm
-    ema_mean = alpha * mean + (1 - alpha) * seen
-    ema_var = alpha * var + (1 - alpha) * jnp.square(seen - ema_mean)
+    ema_input = jnp.where(spike, spike_bound, norm)  # the EMA sees the clipped norm
+    ema_mean = alpha * mean + (1 - alpha) * ema_input
+    ema_var = alpha * var + (1 - alpha) * jnp.square(ema_input - ema_mean)
     new_mean = jnp.where(finite, jnp.where(warm, warm_mean, ema_mean), mean)
     new_var = jnp.where(finite, jnp.where(warm, warm_var, ema_var), var)
 
