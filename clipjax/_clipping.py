@@ -18,6 +18,7 @@ The state of each clipper is a :class:`~clipjax.ClipStats` instead of optax's
 ``EmptyState``; ``update`` still accepts ``state=None``.
 """
 
+import functools
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -116,15 +117,24 @@ def clip(max_delta: jax.typing.ArrayLike) -> optax.GradientTransformation:
     delta = jnp.asarray(max_delta, jnp.float32)
     delta = jnp.where(delta >= 0, delta, jnp.zeros_like(delta))
     deltas = [delta.astype(x.dtype) for x in leaves]
-    peaks = [jnp.max(jnp.abs(x), initial=0).astype(jnp.float32) for x in leaves]
     new = [jnp.clip(x, -d, d) for x, d in zip(leaves, deltas, strict=True)]
+    peaks, counts = [], []
+    for x, d in zip(leaves, deltas, strict=True):
+      peak, count = _norms.peak_and_count(x, d)
+      peaks.append(peak.astype(jnp.float32))
+      counts.append(count.astype(jnp.float32))
+    total = sum(int(x.size) for x in leaves)
+    if total:
+      fraction = functools.reduce(jnp.add, counts) / total
+    else:
+      fraction = jnp.zeros((), jnp.float32)
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     stats = make_stats(
       "clip",
       unflatten(peaks),
       unflatten([_norms.clip_scale(p, delta) for p in peaks]),
       delta,
-      _fraction([jnp.abs(x) > d for x, d in zip(leaves, deltas, strict=True)]),
+      fraction,
     )
     return unflatten(new), stats
 

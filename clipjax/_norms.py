@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Axes = int | tuple[int, ...] | None
 AxisSpec = Axes | Callable[[jax.Array], Axes]
@@ -153,6 +154,40 @@ def global_norm(tree: Any) -> jax.Array:
   """
   leaves = jax.tree.leaves(tree)
   return block_norms(leaves, [None] * len(leaves), combine=True)[0]
+
+
+def peak_and_count(x: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``max(|x|)`` and the number of elements with ``|x| > bound``, in one pass.
+
+  Both come from one variadic reduction, which XLA fuses with ``|x|`` and the
+  comparison into a single loop over ``x``. As two reductions, XLA:CPU reads
+  ``x`` twice and first writes ``|x|`` and the 0/1 mask to memory, which made
+  ``clip`` several times slower than ``optax.clip``. The maximum is taken in
+  the accumulation dtype (exact either way) because CPUs emulate bfloat16.
+
+  Returns:
+    The peak in ``x``'s accumulation dtype, and the count as int32 (float32
+    for leaves of 2**31 elements or more, counted in a second pass).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax._norms import peak_and_count
+    >>> peak, count = peak_and_count(jnp.array([-3.0, 0.5, 2.0]), jnp.array(1.0))
+    >>> print(peak, count)
+    3.0 2
+  """
+  acc = accumulation_dtype(x.dtype)
+  mag = jnp.abs(x)
+  over = mag > bound
+  if x.size >= 2**31:
+    return jnp.max(mag, initial=0).astype(acc), jnp.sum(over, dtype=jnp.float32)
+
+  def combine(a, b):
+    return jnp.maximum(a[0], b[0]), a[1] + b[1]
+
+  init = (jnp.zeros((), acc), jnp.zeros((), jnp.int32))
+  operands = (mag.astype(acc), over.astype(jnp.int32))
+  return lax.reduce(operands, init, combine, tuple(range(x.ndim)))
 
 
 def normalize_axes(call: str, x: jax.Array, axis: AxisSpec) -> Axes:
