@@ -89,7 +89,13 @@ def _count(finite: jax.Array) -> jax.Array:
 
 
 class AutoClipState(NamedTuple):
-  """AutoClip's window of past global norms."""
+  """AutoClip's window of past global norms.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> clipjax.autoclip(window=100).init(jnp.zeros(3)).history.shape
+    (100,)
+  """
 
   history: jax.Array  # shape=(window,), float32: a ring buffer of norms
   seen: jax.Array  # shape=(), int32: finite norms recorded so far
@@ -187,7 +193,14 @@ def _scalar_stats(name: str, extra: dict[str, Any]) -> ClipStats:
 
 
 class ZClipState(NamedTuple):
-  """ZClip's running mean and variance of the global norm."""
+  """ZClip's running mean and variance of the global norm.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> state = clipjax.zclip().init(jnp.zeros(3))
+    >>> print(state.seen, state.mean, state.var)
+    0 0.0 0.0
+  """
 
   seen: jax.Array  # shape=(), int32: finite norms seen so far
   mean: jax.Array  # shape=(), float32: mean (EMA after warm-up)
@@ -308,7 +321,13 @@ def zclip(
 
 
 class AdaGCState(NamedTuple):
-  """AdaGC's per-tensor EMA of clipped norms."""
+  """AdaGC's per-tensor EMA of clipped norms.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> clipjax.adagc().init({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}).gamma
+    {'b': Array(0., dtype=float32), 'w': Array(0., dtype=float32)}
+  """
 
   seen: jax.Array  # shape=(), int32: finite steps seen
   gamma: Any  # a tree like the params, one float32 scalar per leaf
@@ -414,7 +433,13 @@ def adagc(
 
 
 class QuantileClipState(NamedTuple):
-  """The bound learned by geometric quantile updates."""
+  """The bound learned by geometric quantile updates.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> clipjax.quantile_clip(initial_max_norm=2.0).init(jnp.zeros(3)).max_norm
+    Array(2., dtype=float32)
+  """
 
   max_norm: jax.Array  # shape=(), float32: the bound for the next update
   stats: ClipStats
@@ -566,7 +591,13 @@ def clippy(
 
 
 class SpamClipState(NamedTuple):
-  """SPAM's running second moment of each coordinate."""
+  """SPAM's running second moment of each coordinate.
+
+  Examples:
+    >>> import jax.numpy as jnp, clipjax
+    >>> clipjax.spam_clip().init({"w": jnp.zeros((2, 3))}).nu["w"].shape
+    (2, 3)
+  """
 
   seen: jax.Array  # shape=(), int32: finite steps seen
   nu: Any  # a tree like the params, float32: EMA of the clipped g**2
@@ -663,7 +694,14 @@ def spam_clip(
 
 
 class SkipAndClipState(NamedTuple):
-  """The wrapped optimizer's state and the guard's statistics."""
+  """The wrapped optimizer's state and the guard's statistics.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, clipjax
+    >>> tx = clipjax.skip_and_clip(1.0, 10.0, inner=optax.sgd(0.1))
+    >>> tx.init(jnp.zeros(2)).inner_state
+    (EmptyState(), EmptyState())
+  """
 
   inner_state: Any  # the wrapped transformation's state (EmptyState if none)
   stats: ClipStats
