@@ -232,3 +232,20 @@ def test_meta_gradient_through_clipping_is_finite():
   assert np.isfinite(float(jax.grad(loss)(jnp.asarray(0.0), zeros)))
   grad = jax.grad(loss)(jnp.asarray(1.0), {"w": jnp.asarray([3.0, 4.0, 0.0])})
   np.testing.assert_allclose(float(grad), 7.0 / 5.0, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_clip_stats_names_under_flax_nnx():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  tx = optax.chain(clipjax.clip_by_norm(0.5), optax.sgd(0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
+  optimizer.update(model, grads)
+  stats = clipjax.clip_stats(optimizer.opt_state)
+  assert set(stats) == {
+    f"clip_by_norm/{field}/{leaf}"
+    for field in ("norm", "scale", "bound")
+    for leaf in ("bias", "kernel")
+  } | {"clip_by_norm/clipped_fraction"}
+  np.testing.assert_allclose(stats["clip_by_norm/norm/kernel"], np.sqrt(2), rtol=1e-6)
