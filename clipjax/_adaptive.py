@@ -23,7 +23,7 @@ import optax
 
 from clipjax import _norms
 from clipjax._checks import check_bound, is_concrete
-from clipjax._clipping import _NO_PARAMS
+from clipjax._clipping import require_params
 from clipjax._stats import ClipStats, make_stats, with_stats
 
 NonFinite = Literal["zero", "propagate"]
@@ -562,8 +562,7 @@ def clippy(
   check_bound(call, "absolute", absolute)
 
   def apply(updates, params):
-    if params is None:
-      raise ValueError(_NO_PARAMS.format(call=call))
+    require_params(call, params)
     _norms.check_float_leaves(call, updates)
     leaves, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]

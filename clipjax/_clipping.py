@@ -31,10 +31,14 @@ from clipjax import _norms
 from clipjax._checks import check_bound
 from clipjax._stats import ClipStats, make_stats, with_stats
 
-_NO_PARAMS = (
-  "{call} needs the parameters: call update(updates, state, params) with"
-  " params (optax passes them when you give them to the chain's update)."
-)
+
+def require_params(call: str, params: Any) -> None:
+  """Raises ``ValueError`` naming ``call`` when ``params`` were not given."""
+  if params is None:
+    raise ValueError(
+      f"{call} needs the parameters: call update(updates, state, params) with"
+      " params (optax passes them when you give them to the chain's update)."
+    )
 
 
 def _fraction(flags: list[jax.Array]) -> jax.Array:
@@ -438,8 +442,7 @@ def adaptive_grad_clip(
   check_bound(call, "eps", eps)
 
   def apply(updates, params):
-    if params is None:
-      raise ValueError(_NO_PARAMS.format(call=call))
+    require_params(call, params)
     param_leaves = jax.tree.leaves(params)
 
     def bounds_of(leaves):
