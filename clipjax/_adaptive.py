@@ -51,17 +51,22 @@ def _check_steps(call: str, name: str, value: Any, minimum: int):
     raise ValueError(f"{call}({name}={value!r}) must be an int >= {minimum}.")
 
 
-def _finish(updates: Any, scales: Any, finite: jax.Array, nonfinite: str) -> Any:
-  """Scales each leaf (``scales``: a scalar or one per leaf); zeroes a bad step."""
+def _finish(updates: Any, clipped: Any, finite: jax.Array, nonfinite: str) -> Any:
+  """The clipped update on a finite step; zeros or ``updates`` as is on a bad one."""
+
+  def pick(x, y):
+    bad = jnp.zeros((), y.dtype) if nonfinite == "zero" else x
+    return jnp.where(finite, y, bad)
+
+  return jax.tree.map(pick, updates, clipped)
+
+
+def _scale(updates: Any, scales: Any) -> Any:
+  """Scales each leaf by ``scales``: a scalar, or a list with one per leaf."""
   leaves, treedef = jax.tree.flatten(updates)
   if not isinstance(scales, list):
     scales = [scales] * len(leaves)
-  out = []
-  for x, s in zip(leaves, scales, strict=True):
-    y = _norms.scale_leaf(x, s)
-    if nonfinite == "zero":
-      y = jnp.where(finite, y, jnp.zeros((), y.dtype))
-    out.append(y)
+  out = [_norms.scale_leaf(x, s) for x, s in zip(leaves, scales, strict=True)]
   return jax.tree.unflatten(treedef, out)
 
 
@@ -105,7 +110,7 @@ class AutoClipState(NamedTuple):
 def _percentile(history: jax.Array, n: jax.Array, q: Any) -> jax.Array:
   """``np.percentile`` (linear interpolation) of the first ``n`` entries."""
   window = history.shape[0]
-  valid = jnp.arange(window) < n
+  valid = jnp.arange(window, dtype=n.dtype) < n
   ordered = jnp.sort(jnp.where(valid, history, jnp.inf))
   pos = jnp.asarray(q, jnp.float32) / 100.0 * (n - 1).astype(jnp.float32)
   lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, window - 1)
@@ -177,9 +182,8 @@ def autoclip(
     scale = _norms.clip_scale(norm, bound)
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, scale, bound, scale < 1, extra)
-    return _finish(updates, scale, finite, nonfinite), AutoClipState(
-      history, seen, stats
-    )
+    out = _finish(updates, _scale(updates, scale), finite, nonfinite)
+    return out, AutoClipState(history, seen, stats)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -312,7 +316,7 @@ def zclip(
     }
     stats = make_stats(call, norm, scale, bound, scale < 1, extra)
     new_state = ZClipState(seen + _count(finite), new_mean, new_var, stats)
-    return _finish(updates, scale, finite, nonfinite), new_state
+    return _finish(updates, _scale(updates, scale), finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -424,7 +428,7 @@ def adagc(
       call, unflatten(norms), unflatten(scales), unflatten(bounds), fraction, extra
     )
     new_state = AdaGCState(state.seen + _count(finite), unflatten(new_gammas), stats)
-    return _finish(updates, scales, finite, nonfinite), new_state
+    return _finish(updates, _scale(updates, scales), finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -515,7 +519,7 @@ def quantile_clip(
     smallest = jnp.min(jnp.stack(scales)) if scales else jnp.ones((), jnp.float32)
     stats = make_stats(call, total, smallest, bound, 1.0 - unclipped, extra)
     new_state = QuantileClipState(new_bound.astype(jnp.float32), stats)
-    return _finish(updates, scales, finite, nonfinite), new_state
+    return _finish(updates, _scale(updates, scales), finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -684,7 +688,7 @@ def spam_clip(
     new_state = SpamClipState(
       state.seen + _count(finite), jax.tree.unflatten(treedef, new_nus), stats
     )
-    return _finish(out, jnp.ones((), jnp.float32), finite, nonfinite), new_state
+    return _finish(updates, out, finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
