@@ -56,6 +56,7 @@ def _clip_blocks(
   axes_of: Callable[[jax.Array], _norms.Axes],
   bounds_of: Callable[[list[jax.Array]], list[Any]],
   measure: Callable[[jax.Array, jax.Array, _norms.Axes], jax.Array] | None = None,
+  companions: list[jax.Array] | None = None,
 ) -> tuple[Any, ClipStats]:
   """Clips each block of each leaf to its bound: the shared per-block path.
 
@@ -63,17 +64,25 @@ def _clip_blocks(
     name: the clipper's name, for errors and statistics.
     updates: the update tree.
     axes_of: the axes one block of a leaf spans.
-    bounds_of: given the leaves, the bound of each (scalar or per block).
+    bounds_of: given the block norms of ``companions``, the bound of each leaf
+      (scalar or per block).
     measure: maps ``(norm, leaf, axes)`` to the size compared with the bound
       (default: the L2 norm itself).
+    companions: arrays, one per leaf (e.g. the params), whose block norms the
+      bounds depend on. They are computed in the same pass as the updates'
+      norms, so the overflow check runs once.
   """
   _norms.check_float_leaves(name, updates)
   leaves, treedef = jax.tree.flatten(updates)
+  companions = companions or []
   axes = [axes_of(x) for x in leaves]
-  norms = _norms.block_norms(leaves, axes)
+  all_norms = _norms.block_norms(
+    [*leaves, *companions], [*axes, *(axes_of(c) for c in companions)]
+  )
+  norms, companion_norms = all_norms[: len(leaves)], all_norms[len(leaves) :]
   if measure is not None:
     norms = [measure(n, x, a) for n, x, a in zip(norms, leaves, axes, strict=True)]
-  bounds = bounds_of(leaves)
+  bounds = bounds_of(companion_norms)
   scales = [_norms.clip_scale(n, b) for n, b in zip(norms, bounds, strict=True)]
   new = [
     _norms.scale_leaf(x, _norms.keepdims(s, x, a))
@@ -229,7 +238,7 @@ def clip_by_norm(
       "clip_by_norm",
       updates,
       lambda x: _norms.normalize_axes("clip_by_norm", x, axis),
-      lambda leaves: [max_norm] * len(leaves),
+      lambda _: [max_norm] * len(jax.tree.leaves(updates)),
     )
 
   return with_stats(apply)
@@ -266,7 +275,7 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
       "clip_by_block_rms",
       updates,
       lambda x: None,
-      lambda leaves: [threshold] * len(leaves),
+      lambda _: [threshold] * len(jax.tree.leaves(updates)),
       rms,
     )
 
@@ -443,13 +452,16 @@ def adaptive_grad_clip(
 
   def apply(updates, params):
     require_params(call, params)
-    param_leaves = jax.tree.leaves(params)
 
-    def bounds_of(leaves):
-      axes = [_norms.unit_axes(p, axis) for p in param_leaves]
-      p_norms = _norms.block_norms(param_leaves, axes)
+    def bounds_of(p_norms):
       return [clipping * jnp.maximum(n, jnp.asarray(eps, n.dtype)) for n in p_norms]
 
-    return _clip_blocks(call, updates, lambda x: _norms.unit_axes(x, axis), bounds_of)
+    return _clip_blocks(
+      call,
+      updates,
+      lambda x: _norms.unit_axes(x, axis),
+      bounds_of,
+      companions=jax.tree.structure(updates).flatten_up_to(params),  # type: ignore[attr-defined]
+    )
 
   return with_stats(apply)
