@@ -45,9 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from clippers import METHODS
 from flax import nnx
-
-import clipjax
 
 Tx = optax.GradientTransformation
 
@@ -72,43 +71,6 @@ GRIDS = {
   "adam": tuple(float(r) for r in np.logspace(-4, 0, 15)),
 }
 QUICK = {"steps": 200, "seeds": 1}  # and every other rate of the grid
-
-# name -> (the clipper as the table shows it, how it wraps the optimizer).
-METHODS: dict[str, tuple[str, Callable[[Tx], Tx]]] = {
-  "none": ("no clipping", lambda opt: opt),
-  "clip_by_global_norm": (
-    "clip_by_global_norm(1.0)",
-    lambda opt: optax.chain(clipjax.clip_by_global_norm(1.0), opt),
-  ),
-  "adaptive_grad_clip": (
-    "adaptive_grad_clip(0.01)",
-    lambda opt: optax.chain(clipjax.adaptive_grad_clip(0.01), opt),
-  ),
-  "autoclip": ("autoclip(10.0)", lambda opt: optax.chain(clipjax.autoclip(10.0), opt)),
-  "zclip": ("zclip()", lambda opt: optax.chain(clipjax.zclip(), opt)),
-  "zclip_capped": (
-    "zclip(max_norm=1.0)",
-    lambda opt: optax.chain(clipjax.zclip(max_norm=1.0), opt),
-  ),
-  "adagc": ("adagc()", lambda opt: optax.chain(clipjax.adagc(), opt)),
-  "skip_and_clip": (
-    "skip_and_clip(1.0, 10.0, inner=opt)",
-    lambda opt: clipjax.skip_and_clip(1.0, 10.0, inner=opt),
-  ),
-  "quantile_clip": (
-    "quantile_clip()",
-    lambda opt: optax.chain(clipjax.quantile_clip(), opt),
-  ),
-  "spam_clip": ("spam_clip()", lambda opt: optax.chain(clipjax.spam_clip(), opt)),
-  # After the optimizer: clippy bounds the update, not the gradient. Its default
-  # absolute=1e-7 all but freezes tensors holding zeros (the biases at init):
-  # the tensor's whole update is scaled to move no coordinate further than
-  # 0.1 |w| + absolute.
-  "clippy": (
-    "opt, then clippy(absolute=0.01)",
-    lambda opt: optax.chain(opt, clipjax.clippy(absolute=0.01)),
-  ),
-}
 
 
 def load_data() -> tuple[np.ndarray, ...]:
