@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from _timing import interleaved, paired_quartiles
 
 import clipjax
 
@@ -101,25 +102,6 @@ class Side:
     return time.perf_counter() - start
 
 
-def interleaved(
-  a: Side, b: Side, grads: list[Any], reps: int, warmup: int
-) -> tuple[list[float], list[float]]:
-  """Seconds per call of A and B, in ABBA order so neither always goes first."""
-  for i in range(warmup):
-    a(grads[i % len(grads)])
-    b(grads[i % len(grads)])
-  times_a, times_b = [], []
-  for i in range(reps):
-    g = grads[i % len(grads)]
-    if i % 2 == 0:
-      times_a.append(a(g))
-      times_b.append(b(g))
-    else:
-      times_b.append(b(g))
-      times_a.append(a(g))
-  return times_a, times_b
-
-
 def run(
   n_leaves: int,
   shape: tuple[int, ...],
@@ -132,11 +114,14 @@ def run(
   results = []
   for name in names:
     scope, make = CLIPPERS[name]
+    side, base_side = Side(make(), params), Side(baseline(), params)
     times, base = interleaved(
-      Side(make(), params), Side(baseline(), params), grads, reps, warmup
+      lambda i, side=side: side(grads[i % len(grads)]),
+      lambda i, base_side=base_side: base_side(grads[i % len(grads)]),
+      reps,
+      warmup,
     )
-    pairs = sorted(t / b for t, b in zip(times, base, strict=True))
-    q25, _, q75 = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
+    q25, q75 = paired_quartiles(times, base)
     ms, base_ms = statistics.median(times) * 1e3, statistics.median(base) * 1e3
     results.append(
       {

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import interleaved, paired_quartiles
 
 import clipjax
 
@@ -94,30 +95,6 @@ def _time_once(fn: Callable[..., Any], args: tuple[Any, ...]) -> float:
   return time.perf_counter() - start
 
 
-def measure_pair(
-  step_a: Callable[..., Any],
-  args_a: list[tuple[Any, ...]],
-  step_b: Callable[..., Any],
-  args_b: list[tuple[Any, ...]],
-  reps: int,
-  warmup: int,
-) -> tuple[list[float], list[float]]:
-  """Per-call seconds of A and B, interleaved ABBA so neither always goes first."""
-  for i in range(warmup):
-    _time_once(step_a, args_a[i % len(args_a)])
-    _time_once(step_b, args_b[i % len(args_b)])
-  times_a, times_b = [], []
-  for i in range(reps):
-    a, b = args_a[i % len(args_a)], args_b[i % len(args_b)]
-    if i % 2 == 0:
-      times_a.append(_time_once(step_a, a))
-      times_b.append(_time_once(step_b, b))
-    else:
-      times_b.append(_time_once(step_b, b))
-      times_a.append(_time_once(step_a, a))
-  return times_a, times_b
-
-
 def run(
   n_leaves: int, shape: tuple[int, ...], reps: int, warmup: int, pool: int
 ) -> list[dict[str, Any]]:
@@ -140,20 +117,17 @@ def run(
         side: [(params, tx.init(params), g) for g in grads_pool]
         for side, tx in txs.items()
       }
-      times_ours, times_theirs = measure_pair(
-        steps["clipjax"],
-        args["clipjax"],
-        steps["optax"],
-        args["optax"],
-        reps,
-        warmup,
+
+      def runner(side, steps=steps, args=args):
+        return lambda i: _time_once(steps[side], args[side][i % len(args[side])])
+
+      times_ours, times_theirs = interleaved(
+        runner("clipjax"), runner("optax"), reps, warmup
       )
       ours = statistics.median(times_ours) * 1e3
       theirs = statistics.median(times_theirs) * 1e3
-      # Each A/B pair ran back to back, so its ratio is immune to slow drift;
-      # their quartiles show how far to trust the ratio of medians.
-      pairs = sorted(a / b for a, b in zip(times_ours, times_theirs, strict=True))
-      q25, _, q75 = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else pairs * 3
+      q25, q75 = paired_quartiles(times_ours, times_theirs)
+      pairs = [a / b for a, b in zip(times_ours, times_theirs, strict=True)]
       results.append(
         {
           "clipper": name,

@@ -4,7 +4,8 @@ Shared by ``spikes.py`` and ``lr_sweep.py`` (run them from the repository root
 or from this folder; Python puts this folder on the path).
 """
 
-from collections.abc import Callable
+import argparse
+from collections.abc import Callable, Sequence
 
 import optax
 
@@ -48,3 +49,21 @@ METHODS: dict[str, tuple[str, Callable[[Tx], Tx]]] = {
     lambda opt: optax.chain(opt, clipjax.clippy(absolute=0.01)),
   ),
 }
+
+
+def add_methods_argument(parser: argparse.ArgumentParser, default: Sequence[str]):
+  """Adds ``--methods``, a comma-separated list of ``METHODS`` names."""
+  parser.add_argument(
+    "--methods",
+    default=",".join(default),
+    help="comma-separated, from: " + ", ".join(METHODS),
+  )
+
+
+def chosen_methods(parser: argparse.ArgumentParser, text: str) -> list[str]:
+  """The names in ``--methods``; exits through ``parser.error`` on a bad one."""
+  methods = [m.strip() for m in text.split(",") if m.strip()]
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown or not methods:
+    parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+  return methods

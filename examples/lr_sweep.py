@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clippers import METHODS
+from clippers import METHODS, add_methods_argument, chosen_methods
 from flax import nnx
 
 Tx = optax.GradientTransformation
@@ -256,16 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     "--quick", action="store_true", help="fewer steps and seeds (for tests)"
   )
   parser.add_argument("--out", type=Path, default=Path("clipjax-out/lr_sweep"))
-  parser.add_argument(
-    "--methods",
-    default=",".join(METHODS),
-    help="comma-separated, from: " + ", ".join(METHODS),
-  )
+  add_methods_argument(parser, METHODS)
   args = parser.parse_args(argv)
-  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown or not methods:
-    parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+  methods = chosen_methods(parser, args.methods)
   overrides: dict[str, Any] = {
     "optimizer": args.optimizer,
     "rates": tuple(args.rates or GRIDS[args.optimizer][:: 2 if args.quick else 1]),

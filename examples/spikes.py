@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clippers import METHODS
+from clippers import METHODS, add_methods_argument, chosen_methods
 from flax import nnx
 
 import clipjax
@@ -466,16 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     "--quick", action="store_true", help="a smaller model, fewer steps (for tests)"
   )
   parser.add_argument("--out", type=Path, default=Path("clipjax-out/spikes"))
-  parser.add_argument(
-    "--methods",
-    default=",".join(DEFAULT_METHODS),
-    help="comma-separated, from: " + ", ".join(METHODS),
-  )
+  add_methods_argument(parser, DEFAULT_METHODS)
   args = parser.parse_args(argv)
-  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown or not methods:
-    parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+  methods = chosen_methods(parser, args.methods)
   config = QUICK if args.quick else Config()
   overrides = {"seed": args.seed}
   if args.steps is not None:
