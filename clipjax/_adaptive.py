@@ -234,6 +234,11 @@ def zclip(
   ``mu <- alpha * mu + (1 - alpha) * n``, ``var <- alpha * var + (1 - alpha) *
   (n - mu)**2``. ``max_norm``, if given, is a hard ceiling at every step.
 
+  The warm-up steps are clipped only by ``max_norm``: with a high learning rate
+  and no learning-rate warm-up, a model can blow up during them and ZClip then
+  takes the large norms as normal (``examples/spikes.py`` shows it). Give it a
+  ``max_norm`` in that case.
+
   Args:
     alpha: EMA factor in ``[0, 1)``.
     z_thresh: the z-score above which a norm is a spike (> 0).
@@ -722,6 +727,10 @@ def skip_and_clip(
   its state is left exactly as it was, so momentum and step counts are not
   touched by the bad batch. Other steps are clipped to global norm
   ``max_norm`` (before ``inner`` sees them).
+
+  Choose ``drop_norm`` above the norms of ordinary steps: if it is below the
+  gradient norm at initialisation, every step is skipped and the model never
+  moves. ``extra["skipped_steps"]`` (through :func:`clip_stats`) shows it.
 
   Args:
     max_norm: the clipping bound (may be ``inf`` to only skip).
