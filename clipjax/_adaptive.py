@@ -23,7 +23,7 @@ import optax
 
 from clipjax import _norms
 from clipjax._checks import check_bound, is_concrete
-from clipjax._clipping import require_params
+from clipjax._clipping import fraction_true, require_params
 from clipjax._stats import ClipStats, make_stats, with_stats
 
 NonFinite = Literal["zero", "propagate"]
@@ -427,7 +427,7 @@ def adagc(
       scales.append(scale)
 
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    fraction = jnp.mean(jnp.stack([s < 1 for s in scales])) if scales else 0.0
+    fraction = fraction_true([s < 1 for s in scales])
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(
       call, unflatten(norms), unflatten(scales), unflatten(bounds), fraction, extra
@@ -588,7 +588,7 @@ def clippy(
       scales.append(_norms.clip_scale(ratio, 1.0))
     new = [_norms.scale_leaf(u, s) for u, s in zip(leaves, scales, strict=True)]
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    fraction = jnp.mean(jnp.stack([s < 1 for s in scales])) if scales else 0.0
+    fraction = fraction_true([s < 1 for s in scales])
     stats = make_stats(call, unflatten(ratios), unflatten(scales), 1.0, fraction)
     return unflatten(new), stats
 
@@ -684,10 +684,7 @@ def spam_clip(
     out = jax.tree.unflatten(treedef, new)
     after = _norms.global_norm(out).astype(jnp.float32)
     ratio = jnp.where(norm > 0, after / jnp.where(norm > 0, norm, 1.0), 1.0)
-    total = sum(int(f.size) for f in flags)
-    fraction = (
-      sum(jnp.sum(f, dtype=jnp.float32) for f in flags) / total if total else 0.0
-    )
+    fraction = fraction_true(flags)
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, ratio, threshold, fraction, extra)
     new_state = SpamClipState(

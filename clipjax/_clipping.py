@@ -41,7 +41,7 @@ def require_params(call: str, params: Any) -> None:
     )
 
 
-def _fraction(flags: list[jax.Array]) -> jax.Array:
+def fraction_true(flags: list[jax.Array]) -> jax.Array:
   """Fraction of True among all elements of ``flags`` (0 for none)."""
   total = sum(int(f.size) for f in flags)
   if total == 0:
@@ -94,7 +94,7 @@ def _clip_blocks(
     unflatten(norms),
     unflatten(scales),
     unflatten(bounds),
-    _fraction([s < 1 for s in scales]),
+    fraction_true([s < 1 for s in scales]),
   )
   return unflatten(new), stats
 
@@ -345,7 +345,7 @@ def clip_by_group_norm(
         new[i] = _norms.scale_leaf(leaves[i], scale)
       norms[label], scales[label], bounds[label] = norm, scale, bound
     stats = make_stats(
-      call, norms, scales, bounds, _fraction([s < 1 for s in scales.values()])
+      call, norms, scales, bounds, fraction_true([s < 1 for s in scales.values()])
     )
     return jax.tree.unflatten(treedef, new), stats
 
