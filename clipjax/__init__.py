@@ -24,6 +24,9 @@ from clipjax._clipping import unitwise_norm as unitwise_norm
 from clipjax._norms import global_norm as global_norm
 from clipjax._per_example import PerExampleClipInfo as PerExampleClipInfo
 from clipjax._per_example import (
+  per_example_clipped_grad as per_example_clipped_grad,
+)
+from clipjax._per_example import (
   per_example_global_norm_clip as per_example_global_norm_clip,
 )
 from clipjax._per_example import (
@@ -54,6 +57,7 @@ __all__ = (
   "clip_stats",
   "clippy",
   "global_norm",
+  "per_example_clipped_grad",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
   "quantile_clip",

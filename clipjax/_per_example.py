@@ -5,12 +5,14 @@ gradients themselves; an example whose norm is not finite is dropped: it adds
 zero to the sum and is counted among the clipped.
 """
 
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from clipjax import _norms
+from clipjax import _ghost, _norms
 from clipjax._checks import check_bound
 
 
@@ -150,3 +152,496 @@ def per_example_layer_norm_clip(
     jax.tree.unflatten(treedef, [r[0] for r in results]),
     jax.tree.unflatten(treedef, [r[1] for r in results]),
   )
+
+
+_METHODS = ("auto", "ghost", "vmap")
+
+
+def _is_nnx_module(x: Any) -> bool:
+  flax = sys.modules.get("flax.nnx")
+  return flax is not None and isinstance(x, flax.Module)
+
+
+def _batch_size(call: str, batch: Sequence[Any]) -> int:
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ValueError(f"{call}: no batch given; call it as f(params, *batch).")
+  shapes = [jnp.shape(x) for x in leaves]
+  if any(len(s) == 0 for s in shapes) or len({s[0] for s in shapes}) != 1:
+    raise ValueError(
+      f"{call}: every batch array needs the same leading (batch) dimension; got"
+      f" shapes {shapes}."
+    )
+  return int(shapes[0][0])
+
+
+def _groups(call: str, l2_clip: Any, params: Any) -> tuple[list[Any], list[int], Any]:
+  """The bounds, each leaf's group, and the structure of ``norms``."""
+  bounds, bound_def = jax.tree.flatten(l2_clip)
+  for b in bounds:
+    check_bound(call, "l2_clip", b, allow_inf=True)
+  if bound_def.num_leaves == 1 and jax.tree_util.treedef_is_leaf(bound_def):
+    return bounds, [0] * len(jax.tree.leaves(params)), None
+  index = jax.tree.unflatten(bound_def, range(len(bounds)))
+  try:
+    per_leaf = jax.tree.map(
+      lambda i, sub: jax.tree.map(lambda _: i, sub), index, params
+    )
+  except ValueError as e:
+    raise ValueError(
+      f"{call}: l2_clip must be a number or a pytree prefix of the parameters"
+      f" (one bound per leaf or per group); got {l2_clip!r}."
+    ) from e
+  return bounds, jax.tree.leaves(per_leaf), bound_def
+
+
+def per_example_clipped_grad(
+  loss_fn: Callable[..., Any],
+  *,
+  l2_clip: Any,
+  method: str = "auto",
+  microbatch_size: int | None = None,
+  has_aux: bool = False,
+  return_info: bool = False,
+) -> Callable[..., Any]:
+  r"""The sum over a batch of per-example gradients, each clipped in L2 norm.
+
+  ``loss_fn(params, *batch)`` must return the per-example losses, shape
+  ``(B,)`` (with ``has_aux``, a pair ``(losses, aux)``), and treat examples
+  independently. The returned ``f(params, *batch)`` gives ``(grads, norms)``:
+  ``grads`` shaped like ``params`` holds :math:`\sum_b g_b \min(1, C/\|g_b\|)`,
+  ``norms`` the norms :math:`\|g_b\|` before clipping, shape ``(B,)``, float32.
+
+  Methods:
+
+  - ``"vmap"`` forms every per-example gradient with ``jax.vmap``; memory grows
+    with ``B`` times the model, which ``microbatch_size`` bounds (the batch is
+    processed in a sequential loop over chunks of that size).
+  - ``"ghost"`` reads the jaxpr of ``loss_fn``, traced at batch sizes ``B`` and
+    ``B + 1`` to tell batch dimensions apart, and finds where each parameter
+    meets the batch. Dense layers (``x @ W``, any ``dot_general`` of a parameter
+    with an activation, also with sequence inputs ``(B, T, d)``) and embedding
+    lookups (``W[ids]``) get their per-example norms from the layer's inputs and
+    output gradients (ghost norms: the Gram form when ``T (d_in + d_out) <=
+    d_in d_out``, else the per-example outer product); biases and other
+    parameters broadcast over the batch in an elementwise op (layer-norm scales)
+    get small explicit per-example gradients. One backward pass gives the
+    output gradients, and one transposed product per layer, with each
+    example's rows scaled by its clip factor, gives the clipped sum
+    (book-keeping). Anything else (convolutions, scans, custom derivative
+    rules, a weight used by two layers) falls back to ``jax.vmap`` for that
+    parameter only; ``f.plan(params, *batch)`` lists how each is handled.
+  - ``"auto"`` (default): ``"ghost"``, or ``"vmap"`` when the loss traces to a
+    different program at the second batch size (``"ghost"`` then raises).
+
+  Works on plain pytrees of parameters and on Flax NNX modules: given an
+  ``nnx.Module``, ``loss_fn`` receives the module and ``grads`` is the
+  ``nnx.State`` of its ``nnx.Param``\ s, as ``nnx.grad`` would return.
+
+  An example whose gradient is not finite is dropped (it adds zero); its norm
+  is reported as NaN or inf, and ``return_info=True`` counts them.
+
+  Args:
+    loss_fn: ``loss_fn(params, *batch) -> losses`` of shape ``(B,)``.
+    l2_clip: the bound ``C``: a number or traced scalar, or a pytree prefix of
+      the parameters giving one bound per leaf or per group of leaves (each
+      group is clipped on its own, as in McMahan et al. 2018; ``norms`` is then
+      a pytree of ``(B,)`` arrays with the bounds' structure).
+    method: ``"auto"``, ``"ghost"`` or ``"vmap"``.
+    microbatch_size: process the batch in chunks of this many examples (must
+      divide ``B``); bounds memory for ``"vmap"``.
+    has_aux: ``loss_fn`` returns ``(losses, aux)``; ``f`` then returns
+      ``(grads, norms, aux)``.
+    return_info: return a :class:`PerExampleClipInfo` (norms and the count of
+      dropped examples) in place of ``norms``.
+
+  Returns:
+    ``f(params, *batch)`` as described, with an attribute ``plan``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, clipjax
+    >>> def loss_fn(params, x, y):
+    ...   return (x @ params["w"] + params["b"] - y) ** 2
+    >>> params = {"w": jnp.ones(3), "b": jnp.zeros(())}
+    >>> x, y = jnp.eye(3) * jnp.array([1.0, 2.0, 10.0]), jnp.zeros(3)
+    >>> f = clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0)
+    >>> grads, norms = jax.jit(f)(params, x, y)
+    >>> print(norms)
+    [  2.828427   8.944272 200.99751 ]
+    >>> print(grads["w"], grads["b"])
+    [0.70710677 0.8944272  0.9950371 ] 1.2538241
+    >>> f.plan(params, x, y)
+    {"['b']": 'ghost: elementwise (per-example, small)', "['w']": 'ghost: dense (T=1)'}
+
+  References:
+    Abadi et al., `Deep Learning with Differential Privacy
+    <https://arxiv.org/abs/1607.00133>`_, 2016. Li et al., `Large Language
+    Models Can Be Strong Differentially Private Learners
+    <https://arxiv.org/abs/2110.05679>`_, 2022. Bu et al., `Differentially
+    Private Optimization on Large Model at Small Cost
+    <https://arxiv.org/abs/2210.00038>`_, 2023.
+  """
+  call = "per_example_clipped_grad"
+  if method not in _METHODS:
+    raise ValueError(f"{call}(method={method!r}) must be one of {_METHODS}.")
+  if microbatch_size is not None and (
+    not isinstance(microbatch_size, int) or microbatch_size < 1
+  ):
+    raise ValueError(
+      f"{call}(microbatch_size={microbatch_size!r}) must be a positive int or None."
+    )
+  if not callable(loss_fn):
+    raise TypeError(f"{call}: loss_fn must be callable; got {loss_fn!r}.")
+  if _is_scalar(l2_clip):
+    check_bound(call, "l2_clip", l2_clip, allow_inf=True)
+
+  def f(params: Any, *batch: Any) -> Any:
+    loss, params = _unwrap_nnx(loss_fn, params)
+    return _clipped_grad(
+      call, loss, params, batch, l2_clip, method, microbatch_size, has_aux, return_info
+    )
+
+  def plan(params: Any, *batch: Any) -> dict[str, str]:
+    """How each parameter leaf's per-example norm is computed under ``"ghost"``."""
+    loss, params = _unwrap_nnx(loss_fn, params)
+    return _plan(call, loss, params, batch, has_aux)
+
+  f.plan = plan  # type: ignore[attr-defined]
+  return f
+
+
+def _is_scalar(x: Any) -> bool:
+  return jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
+
+
+def _unwrap_nnx(
+  loss_fn: Callable[..., Any], params: Any
+) -> tuple[Callable[..., Any], Any]:
+  """For a Flax NNX module, the loss as a function of its ``nnx.Param`` state."""
+  if not _is_nnx_module(params):
+    return loss_fn, params
+  from flax import nnx
+
+  graphdef, state, rest = nnx.split(params, nnx.Param, ...)
+
+  def loss(p: Any, *batch: Any) -> Any:
+    return loss_fn(nnx.merge(graphdef, p, rest), *batch)
+
+  return loss, state
+
+
+def _flat_loss(
+  call: str,
+  loss_fn: Callable[..., Any],
+  params_def: Any,
+  n: int,
+  batch_def: Any,
+  has_aux: bool,
+) -> Callable[..., Any]:
+  """``loss_fn`` as a function of flat leaves, returning ``(losses, aux)``."""
+
+  def flat(*xs: Any) -> tuple[Any, Any]:
+    params = jax.tree.unflatten(params_def, xs[:n])
+    batch = jax.tree.unflatten(batch_def, xs[n:])
+    out = loss_fn(params, *batch)
+    if not has_aux:
+      return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise ValueError(f"{call}: with has_aux=True, loss_fn must return (losses, aux).")
+    return out
+
+  return flat
+
+
+def _check_losses(call: str, losses: Any, batch_size: int) -> None:
+  shape = getattr(losses, "shape", None)
+  if shape != (batch_size,):
+    hint = " Return the losses before averaging (no `.mean()`)." if shape == () else ""
+    raise ValueError(
+      f"{call}: loss_fn must return per-example losses of shape (B,) ="
+      f" ({batch_size},); got {type(losses).__name__} with shape {shape}.{hint}"
+    )
+
+
+def _abstract(xs: Sequence[Any], batch_size: int | None = None) -> list[Any]:
+  out = []
+  for x in xs:
+    shape = tuple(jnp.shape(x))
+    if batch_size is not None:
+      shape = (batch_size, *shape[1:])
+    out.append(jax.ShapeDtypeStruct(shape, jnp.result_type(x)))
+  return out
+
+
+def _trace_pair(
+  flat: Callable[..., Any], leaves: list[Any], batch_leaves: list[Any], b: int
+):
+  """The jaxprs of the loss at batch sizes ``b`` and ``b + 1``, and its outputs."""
+  closed1, out_shape = jax.make_jaxpr(flat, return_shape=True)(
+    *_abstract(leaves), *_abstract(batch_leaves)
+  )
+  closed2 = jax.make_jaxpr(flat)(*_abstract(leaves), *_abstract(batch_leaves, b + 1))
+  return closed1, closed2, out_shape
+
+
+def _vmap_grads(
+  flat: Callable[..., Any], leaves: list[Any], which: list[int], batch_leaves: list[Any]
+) -> list[jax.Array]:
+  """Per-example gradients of ``leaves[i]`` for ``i`` in ``which``, by ``jax.vmap``."""
+
+  def one(sub: list[Any], *example: Any) -> jax.Array:
+    full = list(leaves)
+    for i, x in zip(which, sub, strict=True):
+      full[i] = x
+    losses, _ = flat(*full, *(e[None] for e in example))
+    return losses[0]
+
+  in_axes = (None, *([0] * len(batch_leaves)))
+  return jax.vmap(jax.grad(one), in_axes=in_axes)(
+    [leaves[i] for i in which], *batch_leaves
+  )
+
+
+def _rows(mask: jax.Array, x: jax.Array, axis: int = 0) -> jax.Array:
+  return _ghost.expand_rows(mask, x, axis)
+
+
+def _weighted_sum(
+  c: jax.Array, keep: jax.Array, per_example: jax.Array, like: Any
+) -> jax.Array:
+  """``sum_b c_b g_b`` over the kept examples, in ``like``'s dtype."""
+  acc = _norms.accumulation_dtype(per_example.dtype)
+  kept = jnp.where(
+    _rows(keep, per_example), per_example, jnp.zeros((), per_example.dtype)
+  )
+  return jnp.tensordot(c.astype(acc), kept.astype(acc), axes=1).astype(like.dtype)
+
+
+def _sq_norms(per_example: jax.Array) -> jax.Array:
+  x = per_example.astype(_norms.accumulation_dtype(per_example.dtype))
+  return jnp.sum(x * x, axis=tuple(range(1, x.ndim)))
+
+
+class _Parts(NamedTuple):
+  """Per-leaf squared norms, and how to finish the clipped sum given the factors."""
+
+  sq_norms: list[jax.Array]
+  finish: Callable[[list[jax.Array], jax.Array], list[jax.Array]]
+  aux: Any
+
+
+def _vmap_parts(
+  flat: Callable[..., Any], leaves: list[Any], batch_leaves: list[Any], has_aux: bool
+) -> _Parts:
+  grads = _vmap_grads(flat, leaves, list(range(len(leaves))), batch_leaves)
+  aux = flat(*leaves, *batch_leaves)[1] if has_aux else None
+
+  def finish(c: list[jax.Array], keep: jax.Array) -> list[jax.Array]:
+    return [
+      _weighted_sum(ci, keep, g, x) for ci, g, x in zip(c, grads, leaves, strict=True)
+    ]
+
+  return _Parts([_sq_norms(g) for g in grads], finish, aux)
+
+
+def _ghost_parts(
+  call: str,
+  flat: Callable[..., Any],
+  leaves: list[Any],
+  batch_leaves: list[Any],
+  b: int,
+  analysis: _ghost.Analysis,
+  closed: Any,
+  out_tree: Any,
+) -> _Parts:
+  taps = {t.key: t for t in analysis.taps}
+  zeros = {
+    k: jnp.zeros(_ghost.probe_shape(t, b), _ghost.probe_dtype(t))
+    for k, t in taps.items()
+  }
+
+  def forward(probes: dict[Any, jax.Array]) -> tuple[jax.Array, Any]:
+    outs, records = _ghost.evaluate(closed, [*leaves, *batch_leaves], taps, probes)
+    return outs[0], (outs[1:], records)
+
+  losses, vjp, (aux_leaves, records) = jax.vjp(forward, zeros, has_aux=True)
+  (out_grads,) = vjp(jnp.ones_like(losses))
+  aux = jax.tree.unflatten(jax.tree.structure(out_tree), [losses, *aux_leaves])[1]
+
+  n = len(leaves)
+  sq = [jnp.zeros((b,), jnp.float32) for _ in range(n)]
+  explicit: dict[int, jax.Array] = {}
+  for key, tap in taps.items():
+    g = out_grads[key]
+    if tap.kind == "dense":
+      sq[tap.leaf] = sq[tap.leaf] + _ghost.dense_sq_norms(tap, records[key], g)
+    elif tap.kind == "embedding":
+      sq[tap.leaf] = sq[tap.leaf] + _ghost.embedding_sq_norms(tap, records[key], g)
+    else:
+      per_operand = _ghost.elementwise_per_example(tap, g)
+      to_leaf = jax.vmap(_ghost.chain_transpose(tap.chain, leaves[tap.leaf]))
+      per_leaf = to_leaf(per_operand)
+      prev = explicit.get(tap.leaf)
+      explicit[tap.leaf] = per_leaf if prev is None else prev + per_leaf
+  for leaf, g in explicit.items():
+    sq[leaf] = _sq_norms(g)
+  which = sorted(analysis.fallback)
+  vmapped = (
+    dict(zip(which, _vmap_grads(flat, leaves, which, batch_leaves), strict=True))
+    if which
+    else {}
+  )
+  for leaf, g in vmapped.items():
+    sq[leaf] = _sq_norms(g)
+
+  def finish(c: list[jax.Array], keep: jax.Array) -> list[jax.Array]:
+    grads: list[Any] = [None] * n
+    for key, tap in taps.items():
+      if tap.kind == "elementwise":
+        continue
+      g = out_grads[key]
+      acc = _norms.accumulation_dtype(g.dtype)
+      k = tap.batch_axis
+      weighted = g.astype(acc) * _rows(c[tap.leaf].astype(acc), g, k)
+      weighted = jnp.where(_rows(keep, g, k), weighted, jnp.zeros((), acc))
+      rec = records[key]
+      if tap.kind == "dense":
+        rec = jnp.where(
+          _rows(keep, rec, tap.act_batch_axis), rec, jnp.zeros((), rec.dtype)
+        )
+      v_aval = tap.eqn.invars[key[-1]].aval
+      gv = _ghost.weighted_transpose(tap, rec, weighted, v_aval)
+      grads[tap.leaf] = _ghost.chain_transpose(tap.chain, leaves[tap.leaf])(gv)
+    for leaf, g in [*explicit.items(), *vmapped.items()]:
+      grads[leaf] = _weighted_sum(c[leaf], keep, g, leaves[leaf])
+    return [
+      jnp.zeros_like(x) if g is None else g.astype(jnp.result_type(x))
+      for g, x in zip(grads, leaves, strict=True)
+    ]
+
+  return _Parts(sq, finish, aux)
+
+
+def _check_params(call: str, params: Any) -> tuple[list[Any], Any]:
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  for path, x in paths:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+      raise TypeError(
+        f"{call}: parameter {jax.tree_util.keystr(path)} has dtype"
+        f" {jnp.result_type(x)}; only floating-point parameters can be differentiated."
+      )
+  return [x for _, x in paths], treedef
+
+
+def _parts(
+  call: str,
+  loss_fn: Callable[..., Any],
+  leaves: list[Any],
+  params_def: Any,
+  batch: Sequence[Any],
+  method: str,
+  has_aux: bool,
+) -> _Parts:
+  batch_leaves, batch_def = jax.tree.flatten(tuple(batch))
+  b = _batch_size(call, batch)
+  flat = _flat_loss(call, loss_fn, params_def, len(leaves), batch_def, has_aux)
+  closed, closed2, out_shape = _trace_pair(flat, leaves, batch_leaves, b)
+  _check_losses(call, out_shape[0], b)
+  if method == "vmap":
+    return _vmap_parts(flat, leaves, batch_leaves, has_aux)
+  try:
+    analysis = _ghost.analyze(closed, closed2, len(leaves))
+  except _ghost.StructureError as e:
+    if method == "auto":
+      return _vmap_parts(flat, leaves, batch_leaves, has_aux)
+    raise ValueError(
+      f"{call}(method='ghost'): loss_fn traces to different programs at batch"
+      f" sizes {b} and {b + 1} ({e}); use method='vmap' or 'auto'."
+    ) from e
+  return _ghost_parts(call, flat, leaves, batch_leaves, b, analysis, closed, out_shape)
+
+
+def _clipped_grad(
+  call: str,
+  loss_fn: Callable[..., Any],
+  params: Any,
+  batch: Sequence[Any],
+  l2_clip: Any,
+  method: str,
+  microbatch_size: int | None,
+  has_aux: bool,
+  return_info: bool,
+) -> Any:
+  leaves, params_def = _check_params(call, params)
+  bounds, groups, bound_def = _groups(call, l2_clip, params)
+  b = _batch_size(call, batch)
+
+  def one(chunk: Sequence[Any]) -> tuple[list[jax.Array], jax.Array, Any]:
+    parts = _parts(call, loss_fn, leaves, params_def, chunk, method, has_aux)
+    group_sq = [jnp.zeros_like(parts.sq_norms[0]) if parts.sq_norms else None] * len(
+      bounds
+    )
+    for sq, gi in zip(parts.sq_norms, groups, strict=True):
+      group_sq[gi] = sq if group_sq[gi] is None else group_sq[gi] + sq
+    size = _batch_size(call, chunk)
+    norms = jnp.stack(
+      [jnp.zeros((size,), jnp.float32) if s is None else jnp.sqrt(s) for s in group_sq]
+    )
+    keep = jnp.all(jnp.isfinite(norms), axis=0)
+    factors = [
+      jnp.where(keep, _norms.clip_scale(n, bound), jnp.zeros((), n.dtype))
+      for n, bound in zip(norms, bounds, strict=True)
+    ]
+    grads = parts.finish([factors[g] for g in groups], keep)
+    return grads, norms, parts.aux
+
+  if microbatch_size is None or microbatch_size >= b:
+    grads, norms, aux = one(batch)
+  else:
+    if b % microbatch_size:
+      raise ValueError(
+        f"{call}(microbatch_size={microbatch_size}) must divide the batch size {b}."
+      )
+    n_chunks = b // microbatch_size
+    chunked = jax.tree.map(
+      lambda x: x.reshape(n_chunks, microbatch_size, *x.shape[1:]), tuple(batch)
+    )
+
+    def body(total: list[jax.Array], chunk: Any) -> tuple[list[jax.Array], Any]:
+      grads, norms, aux = one(chunk)
+      total = [t + g.astype(t.dtype) for t, g in zip(total, grads, strict=True)]
+      return total, (norms, aux)
+
+    init = [
+      jnp.zeros(jnp.shape(x), _norms.accumulation_dtype(jnp.result_type(x)))
+      for x in leaves
+    ]
+    total, (norms, aux) = jax.lax.scan(body, init, chunked)
+    grads = [t.astype(jnp.result_type(x)) for t, x in zip(total, leaves, strict=True)]
+    norms = jnp.moveaxis(norms, 0, 1).reshape(len(bounds), b)
+  grads_tree = jax.tree.unflatten(params_def, grads)
+  norms_out = (
+    norms[0] if bound_def is None else jax.tree.unflatten(bound_def, list(norms))
+  )
+  if return_info:
+    num = jnp.sum(~jnp.all(jnp.isfinite(norms), axis=0), dtype=jnp.int32)
+    norms_out = PerExampleClipInfo(norms_out, num)
+  return (grads_tree, norms_out, aux) if has_aux else (grads_tree, norms_out)
+
+
+def _plan(
+  call: str,
+  loss_fn: Callable[..., Any],
+  params: Any,
+  batch: Sequence[Any],
+  has_aux: bool,
+) -> dict[str, str]:
+  leaves, params_def = _check_params(call, params)
+  batch_leaves, batch_def = jax.tree.flatten(tuple(batch))
+  b = _batch_size(call, batch)
+  flat = _flat_loss(call, loss_fn, params_def, len(leaves), batch_def, has_aux)
+  closed, closed2, out_shape = _trace_pair(flat, leaves, batch_leaves, b)
+  _check_losses(call, out_shape[0], b)
+  analysis = _ghost.analyze(closed, closed2, len(leaves))
+  names = _ghost.leaf_names(params)
+  return _ghost.describe(analysis, names, [tuple(jnp.shape(x)) for x in leaves])

@@ -1,0 +1,527 @@
+"""Ghost norms: per-example gradient norms read off the jaxpr of a batched loss.
+
+The loss is traced twice, at batch sizes ``B`` and ``B + 1``; a dimension that
+differs between the two programs is a batch dimension. Each parameter leaf is
+then followed through the program until it meets a batched value (a *contact*):
+
+- ``dot_general(activation, W)`` (a dense layer, also with sequence inputs):
+  the norm of each example's gradient ``a_b^T g_b`` comes from the layer's input
+  ``a`` and its output gradient ``g`` (Li et al. 2022), through the Gram
+  matrices ``(a_b a_b^T) * (g_b g_b^T)`` or the outer product ``a_b^T g_b``,
+  whichever costs less;
+- ``gather(E, indices)`` (an embedding lookup): the Gram form with the
+  "same token" mask;
+- an elementwise op with a parameter broadcast over the batch (biases, the
+  scale and offset of a layer norm): the per-example gradients are formed
+  explicitly; they are no larger than the activations.
+
+The output gradients ``g`` come from one backward pass with respect to zero
+*probes* added at each contact; the weights are never differentiated there.
+The clipped sum is then one more transposed product per contact, with ``g``'s
+rows scaled by each example's clip factor (book-keeping, Bu et al. 2023).
+Leaves whose contact is anything else (a convolution, a scan, a custom rule, a
+weight used twice) are reported as fallbacks; the caller gets their
+per-example gradients by ``jax.vmap``.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from clipjax import _norms
+
+# Unary ops that only relabel, cast or broadcast a parameter; a chain of them
+# from a leaf to a contact is differentiated through with ``jax.vjp``.
+_CHAIN_PRIMS = frozenset(
+  {
+    "reshape",
+    "convert_element_type",
+    "transpose",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "copy",
+    "copy_p",
+    "reduce_precision",
+  }
+)
+# The subset that keeps every element once, so a norm taken after it is the norm
+# of the leaf's gradient.
+_NORM_KEEPING = _CHAIN_PRIMS - {"broadcast_in_dim"}
+_ELEMENTWISE = frozenset(
+  {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "max",
+    "min",
+    "pow",
+    "atan2",
+    "rem",
+    "select_n",
+    "nextafter",
+  }
+)
+_INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+  """A value computed from parameters only (no batch)."""
+
+  leaves: frozenset[int]
+  chain: tuple[Any, ...] | None  # unary eqns from one leaf; None if not a chain
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batched:
+  """A value that depends on the batch; ``axes`` are its batch dimensions."""
+
+  axes: tuple[int, ...]
+
+
+_CONST = None  # a value that depends on neither
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+  """One contact of a parameter leaf with the batch, handled without vmap."""
+
+  kind: str  # "dense", "embedding" or "elementwise"
+  key: tuple[int, ...]  # eqn indices through inlined calls, then the operand
+  leaf: int
+  chain: tuple[Any, ...]
+  eqn: Any
+  batch_axis: int  # of the contact's output
+  act_batch_axis: int  # of the activation (dense) or the indices (embedding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+  """What the jaxpr says about each parameter leaf."""
+
+  taps: tuple[Tap, ...]
+  fallback: dict[int, str]  # leaf -> why it needs vmap
+
+
+def _batch_axes(v1: Any, v2: Any) -> tuple[int, ...]:
+  s1, s2 = v1.aval.shape, v2.aval.shape
+  if len(s1) != len(s2):
+    return tuple(range(len(s1)))
+  return tuple(i for i, (a, b) in enumerate(zip(s1, s2, strict=True)) if a != b)
+
+
+class StructureError(ValueError):
+  """The loss traces to different programs at two batch sizes."""
+
+
+def _sub_jaxpr(eqn: Any) -> tuple[Any, Sequence[Any]]:
+  inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  if isinstance(inner, jcore.ClosedJaxpr):
+    return inner.jaxpr, inner.consts
+  return inner, ()
+
+
+def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
+  """Finds the contacts of the first ``n_params`` inputs with the batch."""
+  taps: list[Tap] = []
+  fallback: dict[int, str] = {}
+
+  def run(j1: Any, j2: Any, infos: list[Any], prefix: tuple[int, ...]) -> list[Any]:
+    env: dict[Any, Any] = {}
+    for v in j1.constvars:
+      env[v] = _CONST
+    for v, info in zip(j1.invars, infos, strict=True):
+      env[v] = info
+    if len(j1.eqns) != len(j2.eqns):
+      raise StructureError("different number of operations")
+
+    def read(v: Any) -> Any:
+      return _CONST if isinstance(v, jcore.Literal) else env[v]
+
+    for i, (e1, e2) in enumerate(zip(j1.eqns, j2.eqns, strict=True)):
+      if e1.primitive is not e2.primitive:
+        raise StructureError(f"{e1.primitive} against {e2.primitive}")
+      ins = [read(v) for v in e1.invars]
+      key = (*prefix, i)
+      if e1.primitive.name in _INLINE and any(x is not _CONST for x in ins):
+        sub1, _ = _sub_jaxpr(e1)
+        sub2, _ = _sub_jaxpr(e2)
+        outs = run(sub1, sub2, ins, key)
+        for v, info in zip(e1.outvars, outs, strict=True):
+          env[v] = info
+        continue
+      params = [x for x in ins if isinstance(x, _Param)]
+      batched = any(isinstance(x, _Batched) for x in ins)
+      if params and batched:
+        _contact(e1, e2, ins, key)
+      for v1, v2 in zip(e1.outvars, e2.outvars, strict=True):
+        if batched:
+          env[v1] = _Batched(_batch_axes(v1, v2))
+        elif params:
+          env[v1] = _param_out(e1, ins, params)
+        else:
+          env[v1] = _Batched(_batch_axes(v1, v2)) if _batch_axes(v1, v2) else _CONST
+    return [read(v) for v in j1.outvars]
+
+  def _param_out(eqn: Any, ins: list[Any], params: list[_Param]) -> _Param:
+    leaves = frozenset().union(*(p.leaves for p in params))
+    p = params[0]
+    if (
+      len(ins) == 1
+      and len(eqn.outvars) == 1
+      and p.chain is not None
+      and eqn.primitive.name in _CHAIN_PRIMS
+    ):
+      return _Param(leaves, (*p.chain, eqn))
+    return _Param(leaves, None)
+
+  def _give_up(ins: list[Any], why: str) -> None:
+    for x in ins:
+      if isinstance(x, _Param):
+        for leaf in x.leaves:
+          fallback.setdefault(leaf, why)
+
+  def _single_leaf(x: Any, keep_norm: bool) -> int | None:
+    if not isinstance(x, _Param) or x.chain is None or len(x.leaves) != 1:
+      return None
+    if keep_norm and any(e.primitive.name not in _NORM_KEEPING for e in x.chain):
+      return None
+    return next(iter(x.leaves))
+
+  def _one_axis(x: Any) -> int | None:
+    if isinstance(x, _Batched) and len(x.axes) == 1:
+      return x.axes[0]
+    return None
+
+  def _contact(e1: Any, e2: Any, ins: list[Any], key: tuple[int, ...]) -> None:
+    name = e1.primitive.name
+    out_axes = _batch_axes(e1.outvars[0], e2.outvars[0]) if e1.outvars else ()
+    why = f"used by `{name}`"
+    if len(e1.outvars) != 1 or len(out_axes) != 1:
+      _give_up(ins, f"{why}, whose output is not batched along one axis")
+      return
+    (k,) = out_axes
+    if name == "dot_general":
+      (lc, rc), (lb, rb) = e1.params["dimension_numbers"]
+      for p_idx in (0, 1):
+        leaf = _single_leaf(ins[p_idx], keep_norm=True)
+        a_axis = _one_axis(ins[1 - p_idx])
+        contracted = (lc, rc)[1 - p_idx]
+        if (
+          leaf is not None
+          and a_axis is not None
+          and a_axis not in contracted
+          and not lb
+          and not rb
+        ):
+          chain = ins[p_idx].chain
+          taps.append(Tap("dense", (*key, p_idx), leaf, chain, e1, k, a_axis))
+          return
+    if name == "gather":
+      leaf = _single_leaf(ins[0], keep_norm=True)
+      i_axis = _one_axis(ins[1])
+      dn = e1.params["dimension_numbers"]
+      out_rank = len(e1.outvars[0].aval.shape)
+      idx_shape = e1.invars[1].aval.shape
+      standard = (
+        len(e1.invars[0].aval.shape) == 2
+        and tuple(dn.offset_dims) == (out_rank - 1,)
+        and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,)
+        and not tuple(dn.operand_batching_dims)
+        and idx_shape
+        and idx_shape[-1] == 1
+        and i_axis is not None
+        and i_axis == k
+        and i_axis < len(idx_shape) - 1
+      )
+      if leaf is not None and standard:
+        taps.append(Tap("embedding", (*key, 0), leaf, ins[0].chain, e1, k, i_axis))
+        return
+    if name in _ELEMENTWISE:
+      out_rank = len(e1.outvars[0].aval.shape)
+      found = []
+      for j, x in enumerate(ins):
+        if not isinstance(x, _Param):
+          continue
+        shape = e1.invars[j].aval.shape
+        leaf = _single_leaf(x, keep_norm=False)
+        if leaf is None or not (
+          shape == () or (len(shape) == out_rank and shape[k] == 1)
+        ):
+          break
+        found.append(Tap("elementwise", (*key, j), leaf, x.chain, e1, k, k))
+      else:
+        taps.extend(found)
+        return
+    _give_up(ins, why)
+
+  n_in = len(closed1.jaxpr.invars)
+  infos: list[Any] = [_Param(frozenset({i}), ()) for i in range(n_params)]
+  infos += [
+    _Batched(_batch_axes(v1, v2))
+    for v1, v2 in zip(
+      closed1.jaxpr.invars[n_params:], closed2.jaxpr.invars[n_params:], strict=True
+    )
+  ]
+  assert len(infos) == n_in
+  run(closed1.jaxpr, closed2.jaxpr, infos, ())
+  # A leaf with a dense or embedding contact must have no other contact; several
+  # elementwise contacts add up.
+  per_leaf: dict[int, list[Tap]] = {}
+  for t in taps:
+    per_leaf.setdefault(t.leaf, []).append(t)
+  for leaf, ts in per_leaf.items():
+    if len(ts) > 1 and any(t.kind != "elementwise" for t in ts):
+      fallback.setdefault(leaf, f"used by {len(ts)} layers")
+  kept = tuple(t for t in taps if t.leaf not in fallback)
+  return Analysis(kept, fallback)
+
+
+def evaluate(
+  closed: Any,
+  args: Sequence[Any],
+  taps: dict[tuple[int, ...], Tap],
+  probes: dict[tuple[int, ...], jax.Array],
+) -> tuple[list[Any], dict[tuple[int, ...], jax.Array]]:
+  """Runs ``closed`` on ``args`` with the (zero) probes added at the taps.
+
+  Returns the outputs and, per dense or embedding tap, the activation or the
+  indices that met the parameter.
+  """
+  records: dict[tuple[int, ...], jax.Array] = {}
+  prefixes = {k[:n] for k in taps for n in range(1, len(k) - 1)}
+
+  def run(
+    jaxpr: Any, consts: Sequence[Any], vals: Sequence[Any], prefix: tuple[int, ...]
+  ):
+    env: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+      return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+      env[v] = x
+    for v, x in zip(jaxpr.invars, vals, strict=True):
+      env[v] = x
+    for i, eqn in enumerate(jaxpr.eqns):
+      key = (*prefix, i)
+      ins = [read(v) for v in eqn.invars]
+      if eqn.primitive.name in _INLINE and key in prefixes:
+        sub, sub_consts = _sub_jaxpr(eqn)
+        outs = run(sub, sub_consts, ins, key)
+      else:
+        outs = bind(eqn, ins, key)
+        if not eqn.primitive.multiple_results:
+          outs = [outs]
+      for v, x in zip(eqn.outvars, outs, strict=True):
+        env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+  def bind(eqn: Any, ins: list[Any], key: tuple[int, ...]) -> Any:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    here = [t for j in range(len(ins)) if (t := taps.get((*key, j))) is not None]
+    if not here:
+      return eqn.primitive.bind(*ins, **params)
+    if here[0].kind == "elementwise":
+      ins = list(ins)
+      for t in here:
+        j = t.key[-1]
+        ins[j] = jnp.reshape(ins[j], probe_shape(t, 1)) + probes[t.key]
+      return eqn.primitive.bind(*ins, **params)
+    (tap,) = here
+    records[tap.key] = ins[1 - tap.key[-1]]
+    return eqn.primitive.bind(*ins, **params) + probes[tap.key]
+
+  outs = run(closed.jaxpr, closed.consts, args, ())
+  return outs, records
+
+
+def probe_shape(tap: Tap, batch_size: int) -> tuple[int, ...]:
+  """The shape of the zero probe added at a tap."""
+  out = tap.eqn.outvars[0].aval.shape
+  if tap.kind != "elementwise":
+    return tuple(out)
+  operand = tap.eqn.invars[tap.key[-1]].aval.shape
+  shape = list(operand) if operand else [1] * len(out)
+  shape[tap.batch_axis] = batch_size
+  return tuple(shape)
+
+
+def probe_dtype(tap: Tap) -> Any:
+  """The dtype of the zero probe added at a tap."""
+  if tap.kind == "elementwise":
+    return tap.eqn.invars[tap.key[-1]].aval.dtype
+  return tap.eqn.outvars[0].aval.dtype
+
+
+def _apply_chain(chain: tuple[Any, ...], x: jax.Array) -> jax.Array:
+  for eqn in chain:
+    x = eqn.primitive.bind(x, **eqn.primitive.get_bind_params(eqn.params))
+  return x
+
+
+def chain_transpose(
+  chain: tuple[Any, ...], leaf: Any
+) -> Callable[[jax.Array], jax.Array]:
+  """The transpose of the (linear) chain from a leaf to its use."""
+  zero = jnp.zeros(leaf.shape, leaf.dtype)
+  _, vjp = jax.vjp(lambda x: _apply_chain(chain, x), zero)
+  return lambda ct: vjp(ct)[0]
+
+
+def _dense_layout(
+  tap: Tap, act: jax.Array, g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """The activation as ``(B, T, D_in)`` and the output gradient as ``(B, T, D_out)``."""
+  (lc, rc), _ = tap.eqn.params["dimension_numbers"]
+  p_idx = tap.key[-1]
+  p_contract = (lc, rc)[p_idx]
+  a_contract = (lc, rc)[1 - p_idx]
+  p_rank = len(tap.eqn.invars[p_idx].aval.shape)
+  a_free = [d for d in range(act.ndim) if d not in a_contract]
+  p_free = [d for d in range(p_rank) if d not in p_contract]
+  ia = a_free.index(tap.act_batch_axis)
+  a_pos = list(range(len(a_free)))
+  if p_idx == 0:  # the parameter is the left operand: its free dims come first
+    a_pos = [len(p_free) + d for d in a_pos]
+    p_pos = list(range(len(p_free)))
+  else:
+    p_pos = list(range(len(a_free), len(a_free) + len(p_free)))
+  b = act.shape[tap.act_batch_axis]
+  a_perm = [
+    tap.act_batch_axis,
+    *(d for d in a_free if d != tap.act_batch_axis),
+    *a_contract,
+  ]
+  a_r = jnp.transpose(act, a_perm).reshape(
+    b, -1, math.prod(act.shape[d] for d in a_contract)
+  )
+  g_perm = [a_pos[ia], *(a_pos[j] for j in range(len(a_free)) if j != ia), *p_pos]
+  d_out = math.prod(g.shape[d] for d in p_pos)
+  g_r = jnp.transpose(g, g_perm).reshape(b, -1, d_out)
+  return a_r, g_r
+
+
+def dense_method(t: int, d_in: int, d_out: int) -> str:
+  """``"gram"`` or ``"outer"``: whichever costs fewer multiply-adds per example."""
+  return "gram" if t * (d_in + d_out) <= d_in * d_out else "outer"
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(_norms.accumulation_dtype(x.dtype))
+
+
+def dense_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
+  """``||a_b^T g_b||^2`` per example, without forming ``a_b^T g_b`` if cheaper."""
+  a_r, g_r = _dense_layout(tap, act, g)
+  a_r, g_r = _f32(a_r), _f32(g_r)
+  _, t, d_in = a_r.shape
+  d_out = g_r.shape[-1]
+  if t == 1:
+    return jnp.sum(a_r[:, 0] ** 2, axis=-1) * jnp.sum(g_r[:, 0] ** 2, axis=-1)
+  if dense_method(t, d_in, d_out) == "gram":
+    ga = jnp.einsum("btd,bsd->bts", a_r, a_r)
+    gg = jnp.einsum("btd,bsd->bts", g_r, g_r)
+    return jnp.sum(ga * gg, axis=(1, 2))
+  outer = jnp.einsum("bti,btj->bij", a_r, g_r)
+  return jnp.sum(outer**2, axis=(1, 2))
+
+
+def embedding_sq_norms(tap: Tap, idx: jax.Array, g: jax.Array) -> jax.Array:
+  """Per-example squared norm of an embedding table's gradient."""
+  b = idx.shape[tap.act_batch_axis]
+  ids = jnp.moveaxis(idx[..., 0], tap.act_batch_axis, 0).reshape(b, -1)
+  rows = _f32(jnp.moveaxis(g, tap.batch_axis, 0)).reshape(b, ids.shape[1], -1)
+  vocab = tap.eqn.invars[0].aval.shape[0]
+  mode = str(tap.eqn.params.get("mode", ""))
+  if "CLIP" in mode:
+    ids = jnp.clip(ids, 0, vocab - 1)
+  else:  # out-of-range lookups read the fill value and get no gradient
+    valid = (ids >= 0) & (ids < vocab)
+    rows = jnp.where(valid[..., None], rows, jnp.zeros((), rows.dtype))
+  if ids.shape[1] == 1:
+    return jnp.sum(rows[:, 0] ** 2, axis=-1)
+  same = ids[:, :, None] == ids[:, None, :]
+  gram = jnp.einsum("btd,bsd->bts", rows, rows)
+  return jnp.sum(jnp.where(same, gram, jnp.zeros((), gram.dtype)), axis=(1, 2))
+
+
+def weighted_transpose(
+  tap: Tap, recorded: jax.Array, g_weighted: jax.Array, v_aval: Any
+) -> jax.Array:
+  """The contact's transpose with respect to the parameter, for a given cotangent.
+
+  Every contact is linear in its parameter operand, so this is the gradient of
+  ``<g_weighted, contact(v)>``: with ``g``'s rows scaled by each example's clip
+  factor, the clipped sum of the per-example gradients.
+  """
+  p_idx = tap.key[-1]
+  params = tap.eqn.primitive.get_bind_params(tap.eqn.params)
+
+  def contact(v):
+    ins = [recorded, v] if p_idx == 1 else [v, recorded]
+    return tap.eqn.primitive.bind(*ins, **params)
+
+  _, vjp = jax.vjp(contact, jnp.zeros(v_aval.shape, v_aval.dtype))
+  return vjp(g_weighted.astype(tap.eqn.outvars[0].aval.dtype))[0]
+
+
+def expand_rows(mask: jax.Array, x: jax.Array, axis: int) -> jax.Array:
+  """``mask`` (shape ``(B,)``) broadcast against ``x`` along ``axis``."""
+  shape = [1] * x.ndim
+  shape[axis] = mask.shape[0]
+  return jnp.reshape(mask, shape)
+
+
+def elementwise_per_example(tap: Tap, pg: jax.Array) -> jax.Array:
+  """Per-example gradients of the operand, ``(B, *operand_shape)``, from its probe's.
+
+  The operand has size 1 on the batch axis (or is a scalar), so moving the
+  probe's batch axis to the front leaves one operand-shaped gradient per example.
+  """
+  operand = tap.eqn.invars[tap.key[-1]].aval.shape
+  return jnp.moveaxis(pg, tap.batch_axis, 0).reshape(pg.shape[tap.batch_axis], *operand)
+
+
+def leaf_names(tree: Any) -> list[str]:
+  """``jax.tree_util.keystr`` of every leaf, for reports."""
+  paths = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [jax.tree_util.keystr(p) for p, _ in paths]
+
+
+def describe(
+  analysis: Analysis, names: Sequence[str], shapes: Sequence[tuple[int, ...]]
+):
+  """One line per leaf: how its per-example norms are computed."""
+  lines = {}
+  for tap in analysis.taps:
+    if tap.kind == "dense":
+      a_aval = tap.eqn.invars[1 - tap.key[-1]].aval
+      (lc, rc), _ = tap.eqn.params["dimension_numbers"]
+      contract = (lc, rc)[1 - tap.key[-1]]
+      d_in = math.prod(a_aval.shape[d] for d in contract)
+      t = math.prod(
+        s
+        for d, s in enumerate(a_aval.shape)
+        if d not in contract and d != tap.act_batch_axis
+      )
+      leaf_size = int(np.prod(shapes[tap.leaf]))
+      d_out = leaf_size // max(d_in, 1)
+      how = "T=1" if t == 1 else dense_method(t, d_in, d_out)
+      lines[tap.leaf] = f"ghost: dense ({how})"
+    elif tap.kind == "embedding":
+      lines[tap.leaf] = "ghost: embedding"
+    else:
+      lines[tap.leaf] = "ghost: elementwise (per-example, small)"
+  for leaf, why in analysis.fallback.items():
+    lines[leaf] = f"vmap ({why})"
+  return {names[i]: lines.get(i, "unused (zero gradient)") for i in range(len(names))}

@@ -1,0 +1,445 @@
+"""per_example_clipped_grad: ghost norms against vmap and explicit per-example grads."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import clipjax
+
+RTOL = 1e-5
+
+
+def _normal(key, shape, scale=1.0):
+  return jax.random.normal(key, shape, jnp.float32) * scale
+
+
+# --- plain-JAX models -------------------------------------------------------
+
+
+def mlp_params(key, sizes=(12, 16, 8, 5)):
+  keys = jax.random.split(key, len(sizes))
+  return {
+    f"layer{i}": {
+      "w": _normal(keys[i], (a, b), a**-0.5),
+      "b": _normal(jax.random.fold_in(keys[i], 1), (b,), 0.1),
+    }
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+  }
+
+
+def mlp_loss(params, x, y):
+  h = x
+  n = len(params)
+  for i in range(n):
+    h = h @ params[f"layer{i}"]["w"] + params[f"layer{i}"]["b"]
+    if i < n - 1:
+      h = jax.nn.relu(h)
+  return optax.softmax_cross_entropy_with_integer_labels(h, y)
+
+
+def mlp_batch(key, b=10, d=12, classes=5):
+  kx, ky = jax.random.split(key)
+  scale = jnp.geomspace(0.1, 30.0, b)[:, None].astype(jnp.float32)
+  return _normal(kx, (b, d)) * scale, jax.random.randint(ky, (b,), 0, classes)
+
+
+def _layer_norm(x, scale, bias):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+
+def block_params(key, d=8, heads=2, hidden=16):
+  k = jax.random.split(key, 8)
+  return {
+    "ln1": {"scale": 1 + _normal(k[0], (d,), 0.1), "bias": _normal(k[1], (d,), 0.1)},
+    "qkv": {"w": _normal(k[2], (d, 3 * d), d**-0.5), "b": jnp.zeros(3 * d)},
+    "out": {"w": _normal(k[3], (d, d), d**-0.5), "b": _normal(k[4], (d,), 0.1)},
+    "ln2": {"scale": jnp.ones(d), "bias": jnp.zeros(d)},
+    "up": {"w": _normal(k[5], (d, hidden), d**-0.5), "b": jnp.zeros(hidden)},
+    "down": {"w": _normal(k[6], (hidden, d), hidden**-0.5), "b": jnp.zeros(d)},
+    "head": {"w": _normal(k[7], (d, 1), d**-0.5)},
+    "heads": jnp.array(float(heads)),  # not a weight: read only for its shape
+  }
+
+
+def block_loss(params, x, y):
+  """A pre-LN transformer block on (B, T, d) inputs; per-example mean-square loss."""
+  b, t, d = x.shape
+  heads = 2
+  h = _layer_norm(x, params["ln1"]["scale"], params["ln1"]["bias"])
+  qkv = h @ params["qkv"]["w"] + params["qkv"]["b"]
+  q, k, v = jnp.split(qkv.reshape(b, t, 3, heads, d // heads), 3, axis=2)
+  q, k, v = (z[:, :, 0] for z in (q, k, v))
+  att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / (d // heads) ** 0.5)
+  mixed = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, d)
+  x = x + mixed @ params["out"]["w"] + params["out"]["b"]
+  h = _layer_norm(x, params["ln2"]["scale"], params["ln2"]["bias"])
+  x = x + jax.nn.gelu(h @ params["up"]["w"] + params["up"]["b"]) @ params["down"]["w"]
+  x = x + params["down"]["b"]
+  pred = (x @ params["head"]["w"])[..., 0] * params["heads"]
+  return jnp.mean((pred - y) ** 2, axis=-1)
+
+
+def block_batch(key, b=6, t=5, d=8):
+  kx, ky = jax.random.split(key)
+  scale = jnp.geomspace(0.1, 10.0, b)[:, None, None].astype(jnp.float32)
+  return _normal(kx, (b, t, d)) * scale, _normal(ky, (b, t))
+
+
+def embed_params(key, vocab=11, d=6):
+  k1, k2 = jax.random.split(key)
+  return {"embed": _normal(k1, (vocab, d)), "out": _normal(k2, (d, 3), 0.5)}
+
+
+def embed_loss(params, ids, y):
+  h = jnp.take(params["embed"], ids, axis=0).mean(axis=1)
+  return optax.softmax_cross_entropy_with_integer_labels(h @ params["out"], y)
+
+
+def embed_batch(key, b=8, t=7, vocab=11):
+  k1, k2 = jax.random.split(key)
+  # Few distinct tokens, so that each example repeats some.
+  return jax.random.randint(k1, (b, t), 0, 4) * 2, jax.random.randint(k2, (b,), 0, 3)
+
+
+MODELS = {
+  "mlp": (mlp_params, mlp_loss, mlp_batch),
+  "transformer_block": (block_params, block_loss, block_batch),
+  "embedding": (embed_params, embed_loss, embed_batch),
+}
+
+
+def explicit_reference(loss_fn, params, batch, bound):
+  """Per-example gradients formed one by one, then clipjax's explicit clip."""
+
+  def single(p, *example):
+    return loss_fn(p, *(e[None] for e in example))[0]
+
+  grads = jax.vmap(jax.grad(single), in_axes=(None, *[0] * len(batch)))(params, *batch)
+  summed, _, info = clipjax.per_example_global_norm_clip(grads, bound, return_info=True)
+  return summed, info.norms
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("bound", [0.5, 1e6])
+def test_ghost_vmap_and_explicit_agree(model, bound):
+  make_params, loss_fn, make_batch = MODELS[model]
+  params = make_params(jax.random.key(0))
+  batch = make_batch(jax.random.key(1))
+  expected, expected_norms = explicit_reference(loss_fn, params, batch, bound)
+  for method in ("ghost", "vmap", "auto"):
+    f = jax.jit(clipjax.per_example_clipped_grad(loss_fn, l2_clip=bound, method=method))
+    grads, norms = f(params, *batch)
+    assert norms.shape == (batch[0].shape[0],) and norms.dtype == jnp.float32
+    np.testing.assert_allclose(norms, expected_norms, rtol=RTOL)
+    chex.assert_trees_all_close(grads, expected, rtol=RTOL, atol=1e-6 * bound)
+
+
+def test_plan_uses_ghost_for_every_dense_embedding_and_norm_parameter():
+  for model in MODELS:
+    make_params, loss_fn, make_batch = MODELS[model]
+    params, batch = make_params(jax.random.key(0)), make_batch(jax.random.key(1))
+    plan = clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0).plan(params, *batch)
+    assert set(plan) == set(
+      jax.tree_util.keystr(p)
+      for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    )
+    assert all(v.startswith("ghost") for k, v in plan.items() if "heads" not in k), plan
+  plan = clipjax.per_example_clipped_grad(block_loss, l2_clip=1.0).plan(
+    block_params(jax.random.key(0)), *block_batch(jax.random.key(1))
+  )
+  assert plan["['qkv']['w']"] == "ghost: dense (gram)"
+  assert plan["['ln1']['scale']"].startswith("ghost: elementwise")
+  # The multiplier on the prediction meets the batch in a `mul`, as a scalar.
+  assert plan["['heads']"].startswith("ghost: elementwise")
+
+
+def test_dense_picks_outer_product_when_the_sequence_is_long():
+  d_in, d_out, t = 3, 2, 8
+  params = {"w": _normal(jax.random.key(0), (d_in, d_out))}
+  x = _normal(jax.random.key(1), (4, t, d_in))
+
+  def loss_fn(p, x):
+    return jnp.sum(jnp.tanh(x @ p["w"]), axis=(1, 2))
+
+  f = clipjax.per_example_clipped_grad(loss_fn, l2_clip=0.1)
+  assert f.plan(params, x)["['w']"] == "ghost: dense (outer)"
+  expected, expected_norms = explicit_reference(loss_fn, params, (x,), 0.1)
+  grads, norms = jax.jit(f)(params, x)
+  np.testing.assert_allclose(norms, expected_norms, rtol=RTOL)
+  chex.assert_trees_all_close(grads, expected, rtol=RTOL)
+
+
+def test_unsupported_layers_fall_back_to_vmap_and_say_so():
+  """A convolution and a tied weight: both fall back; the result is still exact."""
+  key = jax.random.key(0)
+  params = {
+    "conv": _normal(key, (4, 1, 3)),  # OIW
+    "embed": _normal(jax.random.fold_in(key, 1), (9, 4)),
+    "dense": _normal(jax.random.fold_in(key, 2), (4, 4)),
+  }
+
+  def loss_fn(p, signal, ids):
+    feats = jax.lax.conv_general_dilated(signal[:, None], p["conv"], (1,), "SAME")
+    h = feats.mean(-1) + jnp.take(p["embed"], ids, axis=0)
+    logits = (h @ p["dense"]) @ p["embed"].T  # the embedding is tied
+    return jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
+
+  batch = (_normal(jax.random.key(3), (5, 6)), jnp.arange(5) % 9)
+  f = clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0)
+  plan = f.plan(params, *batch)
+  assert plan["['conv']"].startswith("vmap (used by `conv_general_dilated`")
+  assert plan["['embed']"] == "vmap (used by 2 layers)"
+  assert plan["['dense']"] == "ghost: dense (T=1)"
+  expected, expected_norms = explicit_reference(loss_fn, params, batch, 1.0)
+  grads, norms = jax.jit(f)(params, *batch)
+  np.testing.assert_allclose(norms, expected_norms, rtol=RTOL)
+  chex.assert_trees_all_close(grads, expected, rtol=RTOL, atol=1e-6)
+
+
+def test_per_layer_bounds():
+  params = mlp_params(jax.random.key(0))
+  batch = mlp_batch(jax.random.key(1))
+  bounds = {"layer0": 0.3, "layer1": {"w": 0.2, "b": 0.05}, "layer2": 1.0}
+  for method in ("ghost", "vmap"):
+    f = clipjax.per_example_clipped_grad(mlp_loss, l2_clip=bounds, method=method)
+    grads, norms = jax.jit(f)(params, *batch)
+    assert jax.tree.structure(norms) == jax.tree.structure(bounds)
+    # Each group separately equals global clipping of that group alone.
+    for group, sub_bound in [("layer0", 0.3), ("layer2", 1.0)]:
+
+      def group_loss(sub, x, y, group=group):
+        return mlp_loss({**params, group: sub}, x, y)
+
+      expected, expected_norms = explicit_reference(
+        group_loss, params[group], batch, sub_bound
+      )
+      chex.assert_trees_all_close(grads[group], expected, rtol=RTOL, atol=1e-7)
+      np.testing.assert_allclose(norms[group], expected_norms, rtol=RTOL)
+    for leaf, sub_bound in [("w", 0.2), ("b", 0.05)]:
+
+      def leaf_loss(x_leaf, x, y, leaf=leaf):
+        return mlp_loss({**params, "layer1": {**params["layer1"], leaf: x_leaf}}, x, y)
+
+      expected, expected_norms = explicit_reference(
+        leaf_loss, params["layer1"][leaf], batch, sub_bound
+      )
+      chex.assert_trees_all_close(grads["layer1"][leaf], expected, rtol=RTOL, atol=1e-7)
+      np.testing.assert_allclose(norms["layer1"][leaf], expected_norms, rtol=RTOL)
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_nonfinite_examples_are_dropped_and_counted(method):
+  params = mlp_params(jax.random.key(0))
+  x, y = mlp_batch(jax.random.key(1))
+  bad = x.at[2, 0].set(jnp.nan).at[5, 3].set(jnp.inf)
+  f = clipjax.per_example_clipped_grad(
+    mlp_loss, l2_clip=1.0, method=method, return_info=True
+  )
+  grads, info = jax.jit(f)(params, bad, y)
+  assert int(info.num_nonfinite) == 2
+  assert not np.isfinite(np.asarray(info.norms)[[2, 5]]).any()
+  keep = np.array([0, 1, 3, 4, 6, 7, 8, 9])
+  expected, expected_norms = explicit_reference(
+    mlp_loss, params, (x[keep], y[keep]), 1.0
+  )
+  chex.assert_trees_all_close(grads, expected, rtol=RTOL, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(info.norms)[keep], expected_norms, rtol=RTOL)
+
+
+@pytest.mark.parametrize("method", ["ghost", "vmap"])
+def test_microbatches_equal_one_batch_and_aux_is_returned(method):
+  params = block_params(jax.random.key(0))
+  x, y = block_batch(jax.random.key(1))
+
+  def loss_with_aux(p, x, y):
+    losses = block_loss(p, x, y)
+    return losses, {"mean": losses.mean()}
+
+  whole = clipjax.per_example_clipped_grad(
+    loss_with_aux, l2_clip=0.5, method=method, has_aux=True
+  )
+  chunked = clipjax.per_example_clipped_grad(
+    loss_with_aux, l2_clip=0.5, method=method, has_aux=True, microbatch_size=2
+  )
+  g1, n1, aux1 = jax.jit(whole)(params, x, y)
+  g2, n2, aux2 = jax.jit(chunked)(params, x, y)
+  chex.assert_trees_all_close(g1, g2, rtol=RTOL, atol=1e-6)
+  np.testing.assert_allclose(n1, n2, rtol=RTOL)
+  np.testing.assert_allclose(aux1["mean"], block_loss(params, x, y).mean(), rtol=RTOL)
+  assert aux2["mean"].shape == (3,)  # one per microbatch
+  np.testing.assert_allclose(aux2["mean"].mean(), aux1["mean"], rtol=RTOL)
+
+
+def test_traced_bound_and_no_jit():
+  params = mlp_params(jax.random.key(0))
+  batch = mlp_batch(jax.random.key(1))
+  expected, _ = explicit_reference(mlp_loss, params, batch, 0.7)
+
+  @jax.jit
+  def step(bound):
+    return clipjax.per_example_clipped_grad(mlp_loss, l2_clip=bound)(params, *batch)[0]
+
+  chex.assert_trees_all_close(step(jnp.float32(0.7)), expected, rtol=RTOL, atol=1e-6)
+  eager = clipjax.per_example_clipped_grad(mlp_loss, l2_clip=0.7)(params, *batch)[0]
+  chex.assert_trees_all_close(eager, expected, rtol=RTOL, atol=1e-6)
+
+
+def test_bfloat16_parameters():
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), mlp_params(jax.random.key(0)))
+  x, y = mlp_batch(jax.random.key(1))
+  x = x.astype(jnp.bfloat16)
+  ghost = clipjax.per_example_clipped_grad(mlp_loss, l2_clip=1.0, method="ghost")
+  vmap = clipjax.per_example_clipped_grad(mlp_loss, l2_clip=1.0, method="vmap")
+  (g1, n1), (g2, n2) = jax.jit(ghost)(params, x, y), jax.jit(vmap)(params, x, y)
+  assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(g1))
+  np.testing.assert_allclose(n1, n2, rtol=2e-2)
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda g: g.astype(jnp.float32), g1),
+    jax.tree.map(lambda g: g.astype(jnp.float32), g2),
+    rtol=5e-2,
+    atol=5e-2,
+  )
+
+
+# --- Flax NNX -----------------------------------------------------------------
+
+
+class NNXBlock(nnx.Module):
+  """Embedding, layer norm, attention built from nnx.Linear, and a head."""
+
+  def __init__(self, vocab, d, rngs):
+    self.embed = nnx.Embed(vocab, d, rngs=rngs)
+    self.ln = nnx.LayerNorm(d, rngs=rngs)
+    self.q = nnx.Linear(d, d, rngs=rngs)
+    self.k = nnx.Linear(d, d, rngs=rngs)
+    self.v = nnx.Linear(d, d, rngs=rngs)
+    self.head = nnx.Linear(d, 3, rngs=rngs)
+
+  def __call__(self, ids):
+    h = self.ln(self.embed(ids))
+    q, k, v = self.q(h), self.k(h), self.v(h)
+    att = jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", q, k) / q.shape[-1] ** 0.5)
+    return self.head(jnp.einsum("bqk,bkd->bqd", att, v).mean(axis=1))
+
+
+def nnx_loss(model, ids, y):
+  return optax.softmax_cross_entropy_with_integer_labels(model(ids), y)
+
+
+def test_nnx_model_matches_nnx_grad_per_example():
+  model = NNXBlock(13, 8, nnx.Rngs(0))
+  ids = jax.random.randint(jax.random.key(1), (6, 5), 0, 13)
+  y = jax.random.randint(jax.random.key(2), (6,), 0, 3)
+
+  # The reference: nnx.grad on each example alone, clipped and summed.
+  per_example = [
+    nnx.grad(lambda m, i=i: nnx_loss(m, ids[i : i + 1], y[i : i + 1])[0])(model)
+    for i in range(6)
+  ]
+  stacked = jax.tree.map(lambda *g: jnp.stack(g), *per_example)
+  expected, _, info = clipjax.per_example_global_norm_clip(
+    stacked, 0.5, return_info=True
+  )
+
+  f = clipjax.per_example_clipped_grad(nnx_loss, l2_clip=0.5)
+  plan = f.plan(model, ids, y)
+  assert all(v.startswith("ghost") for v in plan.values()), plan
+
+  @nnx.jit
+  def step(model, ids, y):
+    return f(model, ids, y)
+
+  grads, norms = step(model, ids, y)
+  assert isinstance(grads, nnx.State)
+  np.testing.assert_allclose(norms, info.norms, rtol=RTOL)
+  chex.assert_trees_all_close(
+    jax.tree.leaves(grads), jax.tree.leaves(expected), rtol=RTOL, atol=1e-6
+  )
+  # The gradients drop straight into an nnx.Optimizer.
+  opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  before = model.head.kernel[...]
+  opt.update(model, grads)
+  np.testing.assert_allclose(
+    model.head.kernel[...], before - 0.1 * grads["head"]["kernel"][...], rtol=1e-6
+  )
+
+
+# --- errors -------------------------------------------------------------------
+
+
+def test_scalar_loss_is_refused_with_a_hint():
+  params = mlp_params(jax.random.key(0))
+  f = clipjax.per_example_clipped_grad(
+    lambda p, x, y: mlp_loss(p, x, y).mean(), l2_clip=1.0
+  )
+  with pytest.raises(
+    ValueError, match=r"per-example losses of shape \(B,\) = \(10,\).*\.mean"
+  ):
+    f(params, *mlp_batch(jax.random.key(1)))
+
+
+def test_mismatched_batch_sizes():
+  params = mlp_params(jax.random.key(0))
+  x, y = mlp_batch(jax.random.key(1))
+  f = clipjax.per_example_clipped_grad(mlp_loss, l2_clip=1.0)
+  with pytest.raises(ValueError, match="same leading"):
+    f(params, x, y[:-1])
+  with pytest.raises(ValueError, match="no batch"):
+    f(params)
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    ({"l2_clip": -1.0}, r"per_example_clipped_grad\(l2_clip=-1.0\)"),
+    ({"l2_clip": float("nan")}, r"l2_clip=nan"),
+    ({"l2_clip": 1.0, "method": "fast"}, r"method='fast'"),
+    ({"l2_clip": 1.0, "microbatch_size": 0}, r"microbatch_size=0"),
+  ],
+)
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    clipjax.per_example_clipped_grad(mlp_loss, **kwargs)
+
+
+def test_bad_tree_bounds_and_microbatch_sizes():
+  params = mlp_params(jax.random.key(0))
+  batch = mlp_batch(jax.random.key(1))
+  with pytest.raises(ValueError, match=r"l2_clip=-2"):
+    clipjax.per_example_clipped_grad(mlp_loss, l2_clip={"layer0": -2.0})(params, *batch)
+  with pytest.raises(ValueError, match="prefix of the parameters"):
+    clipjax.per_example_clipped_grad(mlp_loss, l2_clip={"nope": 1.0})(params, *batch)
+  with pytest.raises(ValueError, match="must divide the batch size 10"):
+    clipjax.per_example_clipped_grad(mlp_loss, l2_clip=1.0, microbatch_size=3)(
+      params, *batch
+    )
+
+
+def test_integer_parameters_are_refused():
+  with pytest.raises(TypeError, match=r"\['n'\] has dtype int32"):
+    clipjax.per_example_clipped_grad(lambda p, x: x * p["n"], l2_clip=1.0)(
+      {"n": jnp.int32(2)}, jnp.ones(3, jnp.int32)
+    )
+
+
+def test_batch_size_dependent_program():
+  """'ghost' refuses a loss whose program depends on the batch size; 'auto' vmaps."""
+  params = {"w": jnp.ones((3,))}
+
+  def loss_fn(p, x):
+    if x.shape[0] % 2:  # a different program at odd batch sizes
+      return (x @ p["w"]) ** 2
+    return (x @ p["w"]) ** 2 + 0.0 * jnp.sum(x, axis=1)
+
+  x = _normal(jax.random.key(0), (4, 3))
+  with pytest.raises(ValueError, match="different programs at batch sizes 4 and 5"):
+    clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0, method="ghost")(params, x)
+  grads, _ = clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0)(params, x)
+  expected, _ = explicit_reference(loss_fn, params, (x,), 1.0)
+  chex.assert_trees_all_close(grads, expected, rtol=RTOL)
