@@ -1,5 +1,7 @@
 """per_example_clipped_grad: ghost norms against vmap and explicit per-example grads."""
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,7 @@ def mlp_params(key, sizes=(12, 16, 8, 5)):
       "w": _normal(keys[i], (a, b), a**-0.5),
       "b": _normal(jax.random.fold_in(keys[i], 1), (b,), 0.1),
     }
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
+    for i, (a, b) in enumerate(itertools.pairwise(sizes))
   }
 
 
