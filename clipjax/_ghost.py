@@ -94,7 +94,7 @@ _CONST = None  # a value that depends on neither
 class Tap:
   """One contact of a parameter leaf with the batch, handled without vmap."""
 
-  kind: str  # "dense", "embedding" or "elementwise"
+  kind: str  # "dense", "embedding", "elementwise" or "broadcast"
   key: tuple[int, ...]  # eqn indices through inlined calls, then the operand
   leaf: int
   chain: tuple[Any, ...]
@@ -162,6 +162,9 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
       batched = any(isinstance(x, _Batched) for x in ins)
       if params and batched:
         _contact(e1, e2, ins, key)
+      elif params and any(_batch_axes(*vs) for vs in zip(e1.outvars, e2.outvars)):
+        _broadcast_contact(e1, e2, ins, key)
+        batched = True
       for v1, v2 in zip(e1.outvars, e2.outvars, strict=True):
         if batched:
           env[v1] = _Batched(_batch_axes(v1, v2))
@@ -200,6 +203,17 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
     if isinstance(x, _Batched) and len(x.axes) == 1:
       return x.axes[0]
     return None
+
+  def _broadcast_contact(
+    e1: Any, e2: Any, ins: list[Any], key: tuple[int, ...]
+  ) -> None:
+    """A parameter broadcast to the batch shape (a class token, say)."""
+    axes = _batch_axes(e1.outvars[0], e2.outvars[0])
+    leaf = _single_leaf(ins[0], keep_norm=False) if len(ins) == 1 else None
+    if e1.primitive.name == "broadcast_in_dim" and len(axes) == 1 and leaf is not None:
+      taps.append(Tap("broadcast", (*key, 0), leaf, ins[0].chain, e1, axes[0], axes[0]))
+    else:
+      _give_up(ins, f"broadcast over the batch by `{e1.primitive.name}`")
 
   def _contact(e1: Any, e2: Any, ins: list[Any], key: tuple[int, ...]) -> None:
     name = e1.primitive.name
@@ -280,7 +294,7 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
   for t in taps:
     per_leaf.setdefault(t.leaf, []).append(t)
   for leaf, ts in per_leaf.items():
-    if len(ts) > 1 and any(t.kind != "elementwise" for t in ts):
+    if len(ts) > 1 and any(t.kind in ("dense", "embedding") for t in ts):
       fallback.setdefault(leaf, f"used by {len(ts)} layers")
   kept = tuple(t for t in taps if t.leaf not in fallback)
   return Analysis(kept, fallback)
@@ -338,7 +352,8 @@ def evaluate(
         ins[j] = jnp.reshape(ins[j], probe_shape(t, 1)) + probes[t.key]
       return eqn.primitive.bind(*ins, **params)
     (tap,) = here
-    records[tap.key] = ins[1 - tap.key[-1]]
+    if tap.kind != "broadcast":
+      records[tap.key] = ins[1 - tap.key[-1]]
     return eqn.primitive.bind(*ins, **params) + probes[tap.key]
 
   outs = run(closed.jaxpr, closed.consts, args, ())
@@ -492,6 +507,24 @@ def elementwise_per_example(tap: Tap, pg: jax.Array) -> jax.Array:
   return jnp.moveaxis(pg, tap.batch_axis, 0).reshape(pg.shape[tap.batch_axis], *operand)
 
 
+def broadcast_per_example(tap: Tap, pg: jax.Array) -> jax.Array:
+  """Per-example gradients of a parameter broadcast over the batch.
+
+  Example ``b``'s gradient is the transpose of the same broadcast with the
+  batch dimension of size 1, applied to row ``b`` of the output gradient.
+  """
+  k = tap.batch_axis
+  aval = tap.eqn.invars[0].aval
+  shape = list(tap.eqn.outvars[0].aval.shape)
+  shape[k] = 1
+  dims = tap.eqn.params["broadcast_dimensions"]
+  _, vjp = jax.vjp(
+    lambda v: jax.lax.broadcast_in_dim(v, tuple(shape), dims),
+    jnp.zeros(aval.shape, aval.dtype),
+  )
+  return jax.vmap(lambda row: vjp(jnp.expand_dims(row, k))[0], in_axes=k)(pg)
+
+
 def leaf_names(tree: Any) -> list[str]:
   """``jax.tree_util.keystr`` of every leaf, for reports."""
   paths = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -520,6 +553,8 @@ def describe(
       lines[tap.leaf] = f"ghost: dense ({how})"
     elif tap.kind == "embedding":
       lines[tap.leaf] = "ghost: embedding"
+    elif tap.kind == "broadcast":
+      lines[tap.leaf] = "ghost: broadcast over the batch (per-example, small)"
     else:
       lines[tap.leaf] = "ghost: elementwise (per-example, small)"
   for leaf, why in analysis.fallback.items():

@@ -478,7 +478,10 @@ def _ghost_parts(
     elif tap.kind == "embedding":
       sq[tap.leaf] = sq[tap.leaf] + _ghost.embedding_sq_norms(tap, records[key], g)
     else:
-      per_operand = _ghost.elementwise_per_example(tap, g)
+      if tap.kind == "broadcast":
+        per_operand = _ghost.broadcast_per_example(tap, g)
+      else:
+        per_operand = _ghost.elementwise_per_example(tap, g)
       to_leaf = jax.vmap(_ghost.chain_transpose(tap.chain, leaves[tap.leaf]))
       per_leaf = to_leaf(per_operand)
       prev = explicit.get(tap.leaf)
@@ -497,7 +500,7 @@ def _ghost_parts(
   def finish(c: list[jax.Array], keep: jax.Array) -> list[jax.Array]:
     grads: list[Any] = [None] * n
     for key, tap in taps.items():
-      if tap.kind == "elementwise":
+      if tap.kind in ("elementwise", "broadcast"):
         continue
       g = out_grads[key]
       acc = _norms.accumulation_dtype(g.dtype)

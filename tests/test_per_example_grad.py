@@ -445,3 +445,34 @@ def test_batch_size_dependent_program():
   grads, _ = clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0)(params, x)
   expected, _ = explicit_reference(loss_fn, params, (x,), 1.0)
   chex.assert_trees_all_close(grads, expected, rtol=RTOL)
+
+
+class NNXClassToken(nnx.Module):
+  """nnx.MultiHeadAttention (LinearGeneral projections) over a learned class token."""
+
+  def __init__(self, rngs):
+    self.att = nnx.MultiHeadAttention(
+      num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs
+    )
+    self.cls = nnx.Param(jnp.ones((1, 1, 8)))
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, 8))
+    return self.head(self.att(jnp.concatenate([cls, x], axis=1))[:, 0])
+
+
+def test_nnx_multi_head_attention_and_a_class_token_broadcast_over_the_batch():
+  model = NNXClassToken(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 5, 8))
+  y = jnp.arange(4) % 3
+  ghost = clipjax.per_example_clipped_grad(nnx_loss, l2_clip=0.5, method="ghost")
+  plan = ghost.plan(model, x, y)
+  assert plan["['cls'].value"].startswith("ghost: broadcast"), plan
+  assert all(v.startswith("ghost") for v in plan.values()), plan
+  vmap = clipjax.per_example_clipped_grad(nnx_loss, l2_clip=0.5, method="vmap")
+  (g1, n1), (g2, n2) = nnx.jit(ghost)(model, x, y), nnx.jit(vmap)(model, x, y)
+  np.testing.assert_allclose(n1, n2, rtol=RTOL)
+  chex.assert_trees_all_close(
+    jax.tree.leaves(g1), jax.tree.leaves(g2), rtol=RTOL, atol=1e-6
+  )
