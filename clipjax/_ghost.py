@@ -162,7 +162,9 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
       batched = any(isinstance(x, _Batched) for x in ins)
       if params and batched:
         _contact(e1, e2, ins, key)
-      elif params and any(_batch_axes(*vs) for vs in zip(e1.outvars, e2.outvars)):
+      elif params and any(
+        _batch_axes(*vs) for vs in zip(e1.outvars, e2.outvars, strict=True)
+      ):
         _broadcast_contact(e1, e2, ins, key)
         batched = True
       for v1, v2 in zip(e1.outvars, e2.outvars, strict=True):
@@ -257,7 +259,7 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
         and i_axis == k
         and i_axis < len(idx_shape) - 1
       )
-      if leaf is not None and standard:
+      if leaf is not None and i_axis is not None and standard:
         taps.append(Tap("embedding", (*key, 0), leaf, ins[0].chain, e1, k, i_axis))
         return
     if name in _ELEMENTWISE:
@@ -272,7 +274,7 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
           shape == () or (len(shape) == out_rank and shape[k] == 1)
         ):
           break
-        found.append(Tap("elementwise", (*key, j), leaf, x.chain, e1, k, k))
+        found.append(Tap("elementwise", (*key, j), leaf, x.chain or (), e1, k, k))
       else:
         taps.extend(found)
         return

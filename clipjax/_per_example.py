@@ -180,7 +180,7 @@ def _groups(call: str, l2_clip: Any, params: Any) -> tuple[list[Any], list[int],
   bounds, bound_def = jax.tree.flatten(l2_clip)
   for b in bounds:
     check_bound(call, "l2_clip", b, allow_inf=True)
-  if bound_def.num_leaves == 1 and jax.tree_util.treedef_is_leaf(bound_def):
+  if jax.tree_util.treedef_is_leaf(bound_def):
     return bounds, [0] * len(jax.tree.leaves(params)), None
   index = jax.tree.unflatten(bound_def, range(len(bounds)))
   try:
@@ -322,10 +322,10 @@ def _unwrap_nnx(
     return loss_fn, params
   from flax import nnx
 
-  graphdef, state, rest = nnx.split(params, nnx.Param, ...)
+  graphdef, state, *rest = nnx.split(params, nnx.Param, ...)
 
   def loss(p: Any, *batch: Any) -> Any:
-    return loss_fn(nnx.merge(graphdef, p, rest), *batch)
+    return loss_fn(nnx.merge(graphdef, p, *rest), *batch)
 
   return loss, state
 
@@ -581,15 +581,11 @@ def _clipped_grad(
 
   def one(chunk: Sequence[Any]) -> tuple[list[jax.Array], jax.Array, Any]:
     parts = _parts(call, loss_fn, leaves, params_def, chunk, method, has_aux)
-    group_sq = [jnp.zeros_like(parts.sq_norms[0]) if parts.sq_norms else None] * len(
-      bounds
-    )
-    for sq, gi in zip(parts.sq_norms, groups, strict=True):
-      group_sq[gi] = sq if group_sq[gi] is None else group_sq[gi] + sq
     size = _batch_size(call, chunk)
-    norms = jnp.stack(
-      [jnp.zeros((size,), jnp.float32) if s is None else jnp.sqrt(s) for s in group_sq]
-    )
+    group_sq = [jnp.zeros((size,), jnp.float32) for _ in bounds]
+    for sq, gi in zip(parts.sq_norms, groups, strict=True):
+      group_sq[gi] = group_sq[gi] + sq.astype(jnp.float32)
+    norms = jnp.sqrt(jnp.stack(group_sq))
     keep = jnp.all(jnp.isfinite(norms), axis=0)
     factors = [
       jnp.where(keep, _norms.clip_scale(n, bound), jnp.zeros((), n.dtype))
