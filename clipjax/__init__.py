@@ -1,5 +1,6 @@
 """clipjax: gradient clipping and compression as composable optax transformations."""
 
+from clipjax import privacy as privacy
 from clipjax._adaptive import AdaGCState as AdaGCState
 from clipjax._adaptive import AutoClipState as AutoClipState
 from clipjax._adaptive import QuantileClipState as QuantileClipState
@@ -60,6 +61,7 @@ __all__ = (
   "per_example_clipped_grad",
   "per_example_global_norm_clip",
   "per_example_layer_norm_clip",
+  "privacy",
   "quantile_clip",
   "skip_and_clip",
   "spam_clip",

@@ -50,16 +50,26 @@ def widest_accumulation_dtype(leaves: Sequence[jax.Array]) -> np.dtype:
   return np.dtype(np.float32)
 
 
-def check_float_leaves(call: str, tree: Any) -> None:
-  """Raises ``TypeError`` naming ``call`` and the leaf if a leaf is not inexact."""
+def check_float_leaves(
+  call: str,
+  tree: Any,
+  *,
+  real: bool = False,
+  why: str = (
+    "clipping needs floating-point updates (cast integer leaves, or mask them"
+    " out with optax.masked)"
+  ),
+) -> None:
+  """Raises ``TypeError`` naming ``call``, the leaf and ``why`` for a non-float leaf.
+
+  Complex leaves pass unless ``real``.
+  """
+  kind = jnp.floating if real else jnp.inexact
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
+    if not jnp.issubdtype(dtype, kind):
       where = jax.tree_util.keystr(path) or "the update"
-      raise TypeError(
-        f"{call}: leaf {where} has dtype {dtype}; clipping needs floating-point"
-        " updates (cast integer leaves, or mask them out with optax.masked)."
-      )
+      raise TypeError(f"{call}: leaf {where} has dtype {dtype}; {why}.")
 
 
 def _squares(x: jax.Array, acc: np.dtype, divisor: jax.Array | None = None):

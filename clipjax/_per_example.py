@@ -526,14 +526,10 @@ def _ghost_parts(
 
 
 def _check_params(call: str, params: Any) -> tuple[list[Any], Any]:
-  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-  for path, x in paths:
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-      raise TypeError(
-        f"{call}: parameter {jax.tree_util.keystr(path)} has dtype"
-        f" {jnp.result_type(x)}; only floating-point parameters can be differentiated."
-      )
-  return [x for _, x in paths], treedef
+  _norms.check_float_leaves(
+    call, params, why="only floating-point parameters can be differentiated"
+  )
+  return jax.tree.flatten(params)
 
 
 def _parts(

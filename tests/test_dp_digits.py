@@ -1,0 +1,101 @@
+"""``examples/dp_digits.py``: its quick run prints the table; its batches are right.
+
+The quick run goes in a subprocess, as a user would run it; the checks are on
+what it prints, not on how well it trained. The Poisson batches and the
+masked padding, on which the printed epsilon rests, are checked directly.
+"""
+
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clipjax
+from clipjax import privacy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dp_digits():
+  pytest.importorskip("flax")
+  pytest.importorskip("sklearn")
+  pytest.importorskip("dp_accounting")
+  spec = importlib.util.spec_from_file_location(
+    "_example_dp_digits", ROOT / "examples" / "dp_digits.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_quick_run_prints_baseline_and_dp_rows(dp_digits):
+  done = subprocess.run(
+    [sys.executable, str(ROOT / "examples" / "dp_digits.py"), "--quick"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr[-4000:]
+  rows = {}
+  for line in done.stdout.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if line.startswith("| ") and cells[0] != "training":
+      rows[cells[0].split(" (")[0]] = cells
+  assert set(rows) == {"non-private SGD", "DP-SGD"}, done.stdout
+  for cells in rows.values():
+    assert 0.0 <= float(cells[1]) <= 1.0
+  assert rows["non-private SGD"][2] == "inf"
+  # The quick run: 2 epochs of 1437 examples at expected batch 64.
+  steps = round(2 * 1437 / 64)
+  assert f"{steps} steps" in done.stdout
+  eps = privacy.epsilon(1.5, 64 / 1437, steps, 1e-5)
+  assert float(rows["DP-SGD"][2]) == pytest.approx(eps, abs=0.005)
+  assert math.isfinite(eps) and eps > 0
+
+
+def test_poisson_batches_pad_with_masked_rows(dp_digits):
+  rng = np.random.default_rng(0)
+  n, q, steps = 1000, 0.05, 400
+  indices, mask = dp_digits.poisson_batches(n, q, steps, rng)
+  sizes = mask.sum(axis=1)
+  assert indices.shape == mask.shape == (steps, int(sizes.max()))
+  # Binomial(n, q) batch sizes: mean n q, variance n q (1 - q).
+  assert abs(sizes.mean() - n * q) < 5 * math.sqrt(n * q * (1 - q) / steps)
+  assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.25)
+  for idx, m in zip(indices, mask, strict=True):
+    real = idx[m == 1]
+    assert len(set(real.tolist())) == len(real)  # no example twice in a batch
+    assert np.all(idx[m == 0] == 0)
+  # Every example is drawn about q * steps times.
+  counts = np.bincount(indices[mask == 1], minlength=n)
+  assert abs(counts.mean() - q * steps) < 0.5
+
+
+def test_masked_padding_adds_nothing_to_the_clipped_sum(dp_digits):
+  if not hasattr(clipjax, "per_example_clipped_grad"):
+    pytest.skip("clipjax.per_example_clipped_grad is not available")
+  from flax import nnx
+
+  x_train, y_train, _, _ = dp_digits.load_data()
+  model = dp_digits.MLP(32, nnx.Rngs(0))
+  f = nnx.jit(clipjax.per_example_clipped_grad(dp_digits.per_example_loss, l2_clip=1.0))
+  x, y = jnp.asarray(x_train[:8]), jnp.asarray(y_train[:8])
+  padded = jnp.concatenate([x, jnp.repeat(x[:1], 4, axis=0)])
+  padded_y = jnp.concatenate([y, jnp.repeat(y[:1], 4)])
+  mask = jnp.concatenate([jnp.ones(8), jnp.zeros(4)])
+  grads, norms = f(model, x, y, jnp.ones(8))
+  padded_grads, padded_norms = f(model, padded, padded_y, mask)
+  np.testing.assert_allclose(padded_norms[:8], norms, rtol=1e-5)
+  np.testing.assert_array_equal(padded_norms[8:], 0.0)
+  leaves, padded_leaves = jax.tree.leaves(grads), jax.tree.leaves(padded_grads)
+  assert len(leaves) == 4  # two kernels, two biases
+  for a, b in zip(leaves, padded_leaves, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
