@@ -155,7 +155,10 @@ def clip(max_delta: jax.typing.ArrayLike) -> optax.GradientTransformation:
 
 
 def clip_by_global_norm(
-  max_norm: jax.typing.ArrayLike, *, eps: jax.typing.ArrayLike = 0.0
+  max_norm: jax.typing.ArrayLike,
+  *,
+  eps: jax.typing.ArrayLike = 0.0,
+  axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Scales the whole update so that its L2 norm is at most ``max_norm``.
 
@@ -169,6 +172,11 @@ def clip_by_global_norm(
       ``optax.inject_hyperparams`` and ``jax.vmap`` over bounds work).
     eps: added to the norm before dividing; ``eps=1e-6`` reproduces
       ``torch.nn.utils.clip_grad_norm_``.
+    axis_name: for use inside ``shard_map`` when each device holds a shard of
+      the update tree (parameters sharded over that mesh axis): the norm is
+      then the norm of the whole tree, ``sqrt(psum(local^2))``, and every
+      device applies the same scale. Under ``jax.jit`` with sharded arrays,
+      no option is needed: the norm is already global.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
@@ -192,7 +200,7 @@ def clip_by_global_norm(
   def apply(updates, params):
     del params
     _norms.check_float_leaves("clip_by_global_norm", updates)
-    norm = _norms.global_norm(updates)
+    norm = _norms.global_norm(updates, axis_name=axis_name)
     scale = _norms.clip_scale(norm, max_norm, eps)
     stats = make_stats("clip_by_global_norm", norm, scale, max_norm, scale < 1)
     return _norms.scale_tree(updates, scale), stats

@@ -151,8 +151,13 @@ def block_norms(
   return jax.lax.cond(overflow, rescaled, plain)
 
 
-def global_norm(tree: Any) -> jax.Array:
+def global_norm(tree: Any, *, axis_name: Any = None) -> jax.Array:
   """The L2 norm of all leaves of ``tree`` together, overflow-safe.
+
+  With ``axis_name`` (inside ``shard_map`` or ``pmap``), each device holds a
+  shard of the tree and the result is the norm of the whole tree over that
+  mesh axis: ``sqrt(psum(local^2))``, computed rescaled by the largest local
+  norm (``pmax``) so that it cannot overflow either.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -163,7 +168,13 @@ def global_norm(tree: Any) -> jax.Array:
     120000.0
   """
   leaves = jax.tree.leaves(tree)
-  return block_norms(leaves, [None] * len(leaves), combine=True)[0]
+  local = block_norms(leaves, [None] * len(leaves), combine=True)[0]
+  if axis_name is None:
+    return local
+  peak = lax.pmax(local, axis_name)
+  safe = jnp.where(peak > 0, peak, jnp.ones_like(peak))
+  total = lax.psum(jnp.square(local / safe), axis_name)
+  return jnp.where(peak > 0, peak * jnp.sqrt(total), peak)
 
 
 def peak_and_count(x: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:
