@@ -5,6 +5,8 @@ gradients themselves; an example whose norm is not finite is dropped: it adds
 zero to the sum and is counted among the clipped.
 """
 
+import dataclasses
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -16,8 +18,16 @@ from clipjax import _ghost, _norms
 from clipjax._checks import check_bound
 
 
-class PerExampleClipInfo(NamedTuple):
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["norms", "num_nonfinite"],
+  meta_fields=["vmapped"],
+)
+@dataclasses.dataclass(frozen=True)
+class PerExampleClipInfo:
   """Per-example detail of a clipped sum.
+
+  A pytree (so it can leave ``jax.jit``) whose ``vmapped`` field is static.
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
@@ -27,8 +37,11 @@ class PerExampleClipInfo(NamedTuple):
     [ 5. inf] 1
   """
 
-  norms: jax.Array  # shape=(B,), float32: each example's norm before clipping
+  norms: Any  # shape=(B,), float32 (a tree of them for per-group bounds)
   num_nonfinite: jax.Array  # shape=(), int32: examples dropped as not finite
+  # Parameters whose per-example gradients were formed by jax.vmap (by
+  # per_example_clipped_grad), as jax.tree_util.keystr paths.
+  vmapped: tuple[str, ...] = ()
 
 
 def _check_batch_dim(call: str, grads: Any) -> list[jax.Array]:
@@ -252,8 +265,9 @@ def per_example_clipped_grad(
       divide ``B``); bounds memory for ``"vmap"``.
     has_aux: ``loss_fn`` returns ``(losses, aux)``; ``f`` then returns
       ``(grads, norms, aux)``.
-    return_info: return a :class:`PerExampleClipInfo` (norms and the count of
-      dropped examples) in place of ``norms``.
+    return_info: return a :class:`PerExampleClipInfo` in place of ``norms``:
+      the norms, the count of dropped examples, and the parameters whose
+      per-example gradients ``jax.vmap`` formed (``vmapped``).
 
   Returns:
     ``f(params, *batch)`` as described, with an attribute ``plan``.
@@ -428,6 +442,7 @@ class _Parts(NamedTuple):
   sq_norms: list[jax.Array]
   finish: Callable[[list[jax.Array], jax.Array], list[jax.Array]]
   aux: Any
+  vmapped: list[int]  # the leaves whose per-example gradients vmap formed
 
 
 def _vmap_parts(
@@ -441,7 +456,7 @@ def _vmap_parts(
       _weighted_sum(ci, keep, g, x) for ci, g, x in zip(c, grads, leaves, strict=True)
     ]
 
-  return _Parts([_sq_norms(g) for g in grads], finish, aux)
+  return _Parts([_sq_norms(g) for g in grads], finish, aux, list(range(len(leaves))))
 
 
 def _ghost_parts(
@@ -522,7 +537,7 @@ def _ghost_parts(
       for g, x in zip(grads, leaves, strict=True)
     ]
 
-  return _Parts(sq, finish, aux)
+  return _Parts(sq, finish, aux, which)
 
 
 def _check_params(call: str, params: Any) -> tuple[list[Any], Any]:
@@ -574,9 +589,11 @@ def _clipped_grad(
   leaves, params_def = _check_params(call, params)
   bounds, groups, bound_def = _groups(call, l2_clip, params)
   b = _batch_size(call, batch)
+  vmapped: set[int] = set()  # filled while tracing
 
   def one(chunk: Sequence[Any]) -> tuple[list[jax.Array], jax.Array, Any]:
     parts = _parts(call, loss_fn, leaves, params_def, chunk, method, has_aux)
+    vmapped.update(parts.vmapped)
     size = _batch_size(call, chunk)
     group_sq = [jnp.zeros((size,), jnp.float32) for _ in bounds]
     for sq, gi in zip(parts.sq_norms, groups, strict=True):
@@ -620,7 +637,10 @@ def _clipped_grad(
   )
   if return_info:
     num = jnp.sum(~jnp.all(jnp.isfinite(norms), axis=0), dtype=jnp.int32)
-    norms_out = PerExampleClipInfo(norms_out, num)
+    names = _ghost.leaf_names(params)
+    norms_out = PerExampleClipInfo(
+      norms_out, num, tuple(names[i] for i in sorted(vmapped))
+    )
   return (grads_tree, norms_out, aux) if has_aux else (grads_tree, norms_out)
 
 

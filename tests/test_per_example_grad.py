@@ -202,6 +202,10 @@ def test_unsupported_layers_fall_back_to_vmap_and_say_so():
   grads, norms = jax.jit(f)(params, *batch)
   np.testing.assert_allclose(norms, expected_norms, rtol=RTOL)
   chex.assert_trees_all_close(grads, expected, rtol=RTOL, atol=1e-6)
+  with_info = clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0, return_info=True)
+  _, info = jax.jit(with_info)(params, *batch)
+  assert info.vmapped == ("['conv']", "['embed']")
+  np.testing.assert_allclose(info.norms, expected_norms, rtol=RTOL)
 
 
 def test_per_layer_bounds():
