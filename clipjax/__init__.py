@@ -1,5 +1,7 @@
 """clipjax: gradient clipping and compression as composable optax transformations."""
 
+from clipjax import compression as compression
+from clipjax import distributed as distributed
 from clipjax import privacy as privacy
 from clipjax._adaptive import AdaGCState as AdaGCState
 from clipjax._adaptive import AutoClipState as AutoClipState
@@ -35,6 +37,11 @@ from clipjax._per_example import (
 )
 from clipjax._stats import ClipStats as ClipStats
 from clipjax._stats import clip_stats as clip_stats
+from clipjax.compression import CompressionStats as CompressionStats
+from clipjax.compression import CompressState as CompressState
+from clipjax.compression import compress as compress
+from clipjax.compression import compression_stats as compression_stats
+from clipjax.compression import dgc as dgc
 
 __version__ = "0.1.0"
 
@@ -42,6 +49,8 @@ __all__ = (
   "AdaGCState",
   "AutoClipState",
   "ClipStats",
+  "CompressState",
+  "CompressionStats",
   "PerExampleClipInfo",
   "QuantileClipState",
   "SkipAndClipState",
@@ -57,6 +66,11 @@ __all__ = (
   "clip_by_norm",
   "clip_stats",
   "clippy",
+  "compress",
+  "compression",
+  "compression_stats",
+  "dgc",
+  "distributed",
   "global_norm",
   "per_example_clipped_grad",
   "per_example_global_norm_clip",

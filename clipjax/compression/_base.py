@@ -1,0 +1,216 @@
+"""The compressor interface and the kernels compressors share.
+
+Kernels here: static payload sizes, argument checks that name the call, a
+counter-based random stream cheap enough for one draw per element, and bit
+packing. Nothing here imports the rest of clipjax.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Shape = tuple[int, ...]
+Payload = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Compressor:
+  """Pure functions that encode one array into a payload and decode it back.
+
+  A compressor never sees a pytree: :func:`~clipjax.compress` (one process)
+  and the device-mesh exchange apply it leaf by leaf. Every function is pure and
+  traceable (jit, vmap); every payload array has a shape fixed by the leaf's
+  shape, so ``payload_bytes`` is known before anything runs.
+
+  Attributes:
+    name: a short name, used in statistics (``"top_k"``).
+    init: ``init(shape, dtype) -> state``: the per-leaf state, a pytree of
+      arrays (PowerSGD's ``Q``; ``()`` for stateless compressors). Deterministic,
+      so every worker starts from the same state.
+    encode: ``encode(x, state, key) -> (payload, state)``: ``payload`` is a dict
+      of arrays, exactly what travels. ``key`` is a PRNG key (raw ``uint32``
+      data or a typed key); deterministic compressors ignore it.
+    decode: ``decode(payload, shape, dtype, state, key) -> x_hat``: ``state`` is
+      the state ``encode`` returned and ``key`` the key it was given (random-k
+      regenerates its indices from it, so they never travel).
+    payload_bytes: ``payload_bytes(shape, dtype) -> int``: the exact bytes of the
+      payload, ``sum(a.size * a.dtype.itemsize)`` over its arrays (for PowerSGD
+      with several power iterations, the factors of every round).
+    summable: true if payloads of several workers, encoded with the same key and
+      state, may be summed (``psum``) before decoding: ``decode`` is linear in
+      the payload. False: gather the payloads and decode each (top-k,
+      quantizers).
+    stochastic: true if ``encode`` draws from ``key``.
+    unbiased: true if ``E[decode(encode(x))] == x`` over keys.
+    reduce: only for multi-round methods (PowerSGD): ``reduce(x, state, key,
+      mean_fn) -> (mean_hat, local_hat, state)`` runs the whole exchange with
+      ``mean_fn`` averaging a factor over workers (identity on one process,
+      ``lambda t: jax.lax.pmean(t, axis_name)`` on a mesh). ``mean_hat`` is the
+      decoded mean, ``local_hat`` this worker's own contribution (what error
+      feedback subtracts). ``None`` for single-round compressors.
+  """
+
+  name: str
+  init: Callable[[Shape, Any], Any]
+  encode: Callable[[jax.Array, Any, jax.Array], tuple[Payload, Any]]
+  decode: Callable[[Payload, Shape, Any, Any, jax.Array], jax.Array]
+  payload_bytes: Callable[[Shape, Any], int]
+  summable: bool
+  stochastic: bool
+  unbiased: bool
+  reduce: Callable[..., tuple[jax.Array, jax.Array, Any]] | None = None
+
+  def roundtrip(
+    self, x: jax.Array, state: Any, key: jax.Array
+  ) -> tuple[jax.Array, Payload, Any]:
+    """``decode(encode(x))``: returns ``(x_hat, payload, new_state)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, clipjax
+      >>> c = clipjax.compression.sign()
+      >>> x = jnp.array([1.0, -3.0, 2.0, 0.0])
+      >>> x_hat, payload, _ = c.roundtrip(x, c.init(x.shape, x.dtype), None)
+      >>> print(x_hat, payload["signs"], c.payload_bytes(x.shape, x.dtype))
+      [ 1.5 -1.5  1.5  1.5] [2] 5
+    """
+    payload, state = self.encode(x, state, key)
+    payload = wire(payload)
+    return self.decode(payload, x.shape, x.dtype, state, key), payload, state
+
+
+def wire(payload: Payload) -> Payload:
+  """The payload as a receiver gets it: asks XLA not to fuse it into decoding.
+
+  Fused, XLA may recompute a packed byte's inputs once per element it holds.
+  A collective between encoding and decoding materializes the payload anyway;
+  on one process this barrier is only a request (XLA:CPU drops it).
+  """
+  return lax.optimization_barrier(payload)
+
+
+def nbytes(payload: Any) -> int:
+  """Bytes held by the arrays of a payload (or of abstract shapes of one)."""
+  return sum(
+    int(np.prod(a.shape, dtype=np.int64)) * jnp.dtype(a.dtype).itemsize
+    for a in jax.tree.leaves(payload)
+  )
+
+
+def numel(shape: Shape) -> int:
+  return int(np.prod(shape, dtype=np.int64))
+
+
+def count_of(ratio: float, n: int) -> int:
+  """``k = max(1, ceil(ratio * n))``, at most ``n``.
+
+  ``ratio * n`` is rounded to 6 decimals first, so that ``0.07 * 100`` (which
+  is ``7.000000000000001`` in floating point) gives 7, not 8.
+
+  Examples:
+    >>> from clipjax.compression._base import count_of
+    >>> count_of(0.07, 100), count_of(0.001, 10), count_of(1.0, 5)
+    (7, 1, 5)
+  """
+  return min(n, max(1, math.ceil(round(ratio * n, 6))))
+
+
+def check_ratio(call: str, ratio: Any) -> float:
+  """A Python number in (0, 1], else ``ValueError`` naming the call."""
+  ok = isinstance(ratio, int | float | np.floating | np.integer) and not isinstance(
+    ratio, bool
+  )
+  if not ok or not 0.0 < float(ratio) <= 1.0:
+    raise ValueError(f"{call}(ratio={ratio!r}) must be in (0, 1].")
+  return float(ratio)
+
+
+def check_int(call: str, name: str, value: Any, minimum: int) -> int:
+  """A Python int >= ``minimum``, else ``ValueError`` naming the call."""
+  if (
+    not isinstance(value, int | np.integer)
+    or isinstance(value, bool)
+    or value < minimum
+  ):
+    raise ValueError(f"{call}({name}={value!r}) must be an int >= {minimum}.")
+  return int(value)
+
+
+def check_choice(call: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{call}({name}={value!r}) must be one of {choices}.")
+
+
+def check_float_dtype(call: str, name: str, dtype: Any) -> np.dtype:
+  """A floating-point dtype, else ``ValueError`` naming the call."""
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"{call}({name}={dtype!r}) must be a floating-point dtype.") from e
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise ValueError(f"{call}({name}={dtype!r}) must be a floating-point dtype.")
+  return resolved
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+  """float32 for half precision and float32, float64 for float64."""
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype == jnp.dtype(jnp.float64) else jnp.dtype(jnp.float32)
+
+
+# -- a counter-based random stream ------------------------------------------------
+#
+# jax.random (threefry) costs about fifty memory passes per element on CPU, which
+# would make every stochastic quantizer ten times slower than the memory traffic
+# it saves. Stochastic rounding needs only uniform marginals: each element's bits
+# are two rounds of MurmurHash3's finalizer (a bijection of uint32) over its index,
+# keyed by 64 bits drawn from the JAX key. For a uniformly random key each
+# element's draw is exactly uniform; XLA fuses the hash into the quantizer's loop.
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hash_seeds(key: jax.Array) -> jax.Array:
+  """Two ``uint32`` words drawn from ``key``: the seed of :func:`hash_bits`."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def hash_bits(seeds: jax.Array, index: jax.Array) -> jax.Array:
+  """``uint32`` bits for each ``uint32`` counter in ``index``, keyed by ``seeds``."""
+  return _fmix32(_fmix32((index * jnp.uint32(0x9E3779B9)) ^ seeds[0]) ^ seeds[1])
+
+
+def random_bits(key: jax.Array, shape: Shape) -> jax.Array:
+  """``uint32`` bits of ``shape``, one draw per element (row-major counters)."""
+  index = lax.iota(jnp.uint32, numel(shape)).reshape(shape)
+  return hash_bits(hash_seeds(key), index)
+
+
+def uniform01(bits: jax.Array) -> jax.Array:
+  """float32 in ``[0, 1)`` from the top 23 bits (multiples of ``2**-23``)."""
+  one = lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+  return one - jnp.float32(1.0)
+
+
+# -- bit packing -------------------------------------------------------------------
+
+
+def pack_bits(flags: jax.Array) -> jax.Array:
+  """1-D booleans -> ``uint8``, 8 per byte, first element in the lowest bit."""
+  return jnp.packbits(flags, bitorder="little")
+
+
+def unpack_bits(packed: jax.Array, n: int) -> jax.Array:
+  """Inverse of :func:`pack_bits`: the first ``n`` bits as ``uint8`` 0/1."""
+  return jnp.unpackbits(packed, count=n, bitorder="little")

@@ -1,0 +1,691 @@
+"""Single-round compressors: sparsifiers, quantizers and casts.
+
+Each factory checks its hyperparameters and returns a :class:`Compressor` of
+pure functions over one array. Payload sizes depend only on the leaf's shape
+and dtype (``n`` elements below), never on its values.
+"""
+
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from clipjax.compression._base import (
+  Compressor,
+  Payload,
+  Shape,
+  check_choice,
+  check_float_dtype,
+  check_int,
+  check_ratio,
+  count_of,
+  hash_bits,
+  hash_seeds,
+  numel,
+  pack_bits,
+  random_bits,
+  uniform01,
+  unpack_bits,
+)
+
+_F32 = jnp.float32
+
+
+def _stateless(shape: Shape, dtype: Any) -> tuple[()]:
+  del shape, dtype
+  return ()
+
+
+# -- top-k -------------------------------------------------------------------------
+
+# Sampled selection: the threshold is the |x| that a random sample exceeds
+# _SAMPLE_TOP * _TARGET times, which estimates the count above it with a relative
+# error of about 1/sqrt(_SAMPLE_TOP * _TARGET) (4.7%). Aiming at 7/8 of k puts the
+# k slots 2.8 standard errors away, so they overflow rarely.
+_SAMPLE_TOP = 512
+_TARGET = 0.875
+
+
+def sample_size(ratio: float, n: int) -> int:
+  """How many elements ``top_k(ratio, selection="sampled")`` samples of ``n``."""
+  return min(n, math.ceil(_SAMPLE_TOP / ratio))
+
+
+def first_true(mask: jax.Array, k: int) -> jax.Array:
+  """Positions of the first ``k`` true elements of a 1-D mask, in order.
+
+  Slots beyond the number of true elements hold ``mask.size`` (one past the end,
+  dropped by a scatter with ``mode="drop"``). The mask is packed into 32-bit
+  words, whose population counts and their prefix sum locate each slot's word
+  (a binary search per slot) and a five-step search its bit. Unlike
+  ``jnp.nonzero(mask, size=k)``, whose prefix sum runs over every element, the
+  only full-size pass is the packing.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax.compression._compressors import first_true
+    >>> print(first_true(jnp.array([False, True, True, False, True]), 4))
+    [1 2 4 5]
+  """
+  n = mask.shape[0]
+  packed = pack_bits(mask)
+  pad = -packed.shape[0] % 4
+  if pad:
+    packed = jnp.concatenate([packed, jnp.zeros((pad,), jnp.uint8)])
+  b = packed.reshape(-1, 4).astype(jnp.uint32)
+  words = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+  counts = lax.population_count(words).astype(jnp.int32)
+  ends = jnp.cumsum(counts)
+  slot = jnp.arange(k, dtype=jnp.int32)
+  word = jnp.searchsorted(ends, slot, side="right").astype(jnp.int32)
+  word = jnp.minimum(word, words.shape[0] - 1)
+  rank = slot - (ends[word] - counts[word])
+  bits = words[word]
+  pos = jnp.zeros((k,), jnp.int32)
+  for width in (16, 8, 4, 2, 1):
+    window = (bits >> pos.astype(jnp.uint32)) & jnp.uint32((1 << width) - 1)
+    below = lax.population_count(window).astype(jnp.int32)
+    skip = rank >= below
+    pos = pos + jnp.where(skip, width, 0)
+    rank = rank - jnp.where(skip, below, 0)
+  return jnp.where(slot < ends[-1], word * 32 + pos, n)
+
+
+def _sampled_indices(flat: jax.Array, k: int, ratio: float, key: jax.Array):
+  n = flat.shape[0]
+  s = sample_size(ratio, n)
+  sample = jnp.abs(flat[jax.random.randint(key, (s,), 0, n)])
+  c = max(1, round(_TARGET * k * s / n))
+  # The c-th largest as the smallest of the c largest: indexing top_k's output
+  # at c - 1 makes XLA:CPU rewrite it into a path a hundred times slower.
+  threshold = jnp.min(lax.top_k(sample, c)[0])
+  mag = jnp.abs(flat)
+  return first_true((mag >= threshold) & (mag > 0), k)
+
+
+def top_k(
+  ratio: float,
+  *,
+  selection: Literal["exact", "sampled"] = "exact",
+  value_dtype: Any = None,
+) -> Compressor:
+  """Sends the ``k = max(1, ceil(ratio * n))`` entries of largest magnitude.
+
+  Payload: ``values`` (``k``, in ``value_dtype`` or the leaf's dtype) and
+  ``indices`` (``k``, int32), so ``k * (itemsize + 4)`` bytes.
+
+  ``selection="exact"`` takes the ``k`` largest ``|x|`` with ``lax.top_k``
+  (ties broken by ``lax.top_k``). ``selection="sampled"`` estimates the
+  threshold from a random sample of ``ceil(512 / ratio)`` elements, aiming at
+  ``7/8 * k`` elements above it as Deep Gradient Compression does, and keeps the
+  first ``k`` in index order of those at or above it (nonzero ones only); empty
+  slots hold value 0 and index ``n``. It skips the sort over every element,
+  which costs ``lax.top_k`` tens of memory passes. A leaf no larger than the
+  sample uses exact selection.
+
+  Args:
+    ratio: the fraction of entries sent, in (0, 1].
+    selection: ``"exact"`` or ``"sampled"``.
+    value_dtype: the dtype values travel in (e.g. ``jnp.bfloat16``); ``None``
+      keeps the leaf's dtype.
+
+  Returns:
+    A :class:`Compressor` (not summable: indices differ between workers).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> c = compression.top_k(0.5)
+    >>> x = jnp.array([0.5, -4.0, 1.0, 3.0])
+    >>> x_hat, payload, _ = c.roundtrip(x, (), None)
+    >>> print(x_hat, payload["indices"], c.payload_bytes(x.shape, x.dtype))
+    [ 0. -4.  0.  3.] [1 3] 16
+
+  References:
+    Stich, Cordonnier and Jaggi, `Sparsified SGD with memory
+    <https://arxiv.org/abs/1809.07599>`_, 2018; Lin et al., `Deep gradient
+    compression <https://arxiv.org/abs/1712.01887>`_, 2018.
+  """
+  call = "top_k"
+  ratio = check_ratio(call, ratio)
+  check_choice(call, "selection", selection, ("exact", "sampled"))
+  wire = (
+    None if value_dtype is None else check_float_dtype(call, "value_dtype", value_dtype)
+  )
+  sampled = selection == "sampled"
+
+  def values_dtype(dtype: Any) -> Any:
+    return jnp.dtype(dtype) if wire is None else wire
+
+  def encode(x, state, key):
+    flat = x.reshape(-1)
+    n = flat.shape[0]
+    k = count_of(ratio, n)
+    if sampled and sample_size(ratio, n) < n:
+      idx = _sampled_indices(flat, k, ratio, key)
+      vals = jnp.where(
+        idx < n, flat[jnp.minimum(idx, n - 1)], jnp.zeros((), flat.dtype)
+      )
+    else:
+      _, idx = lax.top_k(jnp.abs(flat), k)
+      vals = flat[idx]
+    payload = {"values": vals.astype(values_dtype(x.dtype)), "indices": idx}
+    return payload, state
+
+  def decode(payload, shape, dtype, state, key):
+    del state, key
+    out = jnp.zeros((numel(shape),), dtype)
+    vals = payload["values"].astype(dtype)
+    return out.at[payload["indices"]].add(vals, mode="drop").reshape(shape)
+
+  def payload_bytes(shape, dtype):
+    k = count_of(ratio, numel(shape))
+    return k * (values_dtype(dtype).itemsize + 4)
+
+  return Compressor(
+    name=call,
+    init=_stateless,
+    encode=encode,
+    decode=decode,
+    payload_bytes=payload_bytes,
+    summable=False,
+    stochastic=sampled,
+    unbiased=False,
+  )
+
+
+# -- random-k ----------------------------------------------------------------------
+
+
+def _strata(ratio: float, n: int, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One random index in each of ``k`` contiguous blocks, and the block sizes."""
+  k = count_of(ratio, n)
+  size, extra = divmod(n, k)
+  j = jnp.arange(k, dtype=jnp.int32)
+  sizes = size + (j < extra).astype(jnp.int32)
+  starts = j * size + jnp.minimum(j, extra)
+  return starts + jax.random.randint(key, (k,), 0, sizes, jnp.int32), sizes
+
+
+def random_k(ratio: float, *, unbiased: bool = True) -> Compressor:
+  """Sends ``k = max(1, ceil(ratio * n))`` entries at indices drawn from the key.
+
+  The ``n`` elements are cut into ``k`` contiguous blocks of ``n // k`` or
+  ``n // k + 1`` elements and one index is drawn uniformly in each (stratified
+  sampling: no index repeats, drawing costs ``O(k)``). The indices come from the
+  key alone, so only the ``k`` values travel: ``k * itemsize`` bytes. Workers
+  given the same key pick the same indices, so their payloads can be summed.
+
+  With ``unbiased=True`` each value is multiplied by its block's size on
+  decoding, so ``E[x_hat] = x``, with variance ``(n/k - 1) * ||x||**2``: too
+  large for error feedback, which wants a contraction. ``unbiased=False`` sends
+  values as they are (each kept with probability ``k/n``); use that with error
+  feedback.
+
+  Args:
+    ratio: the fraction of entries sent, in (0, 1].
+    unbiased: scale the values so that the estimate is unbiased.
+
+  Returns:
+    A summable, stochastic :class:`Compressor`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> c = compression.random_k(0.25, unbiased=False)
+    >>> x = jnp.arange(8.0)
+    >>> x_hat, payload, _ = c.roundtrip(x, (), jax.random.PRNGKey(0))
+    >>> print(payload["values"].shape, c.payload_bytes(x.shape, x.dtype))
+    (2,) 8
+    >>> print(int((x_hat != 0).sum()), bool(((x_hat == 0) | (x_hat == x)).all()))
+    2 True
+
+  References:
+    Stich, Cordonnier and Jaggi, `Sparsified SGD with memory
+    <https://arxiv.org/abs/1809.07599>`_, 2018; Wangni et al., `Gradient
+    sparsification for communication-efficient distributed optimization
+    <https://arxiv.org/abs/1710.09854>`_, 2018.
+  """
+  call = "random_k"
+  ratio = check_ratio(call, ratio)
+
+  def encode(x, state, key):
+    flat = x.reshape(-1)
+    idx, _ = _strata(ratio, flat.shape[0], key)
+    return {"values": flat[idx]}, state
+
+  def decode(payload, shape, dtype, state, key):
+    del state
+    n = numel(shape)
+    idx, sizes = _strata(ratio, n, key)
+    vals = payload["values"]
+    if unbiased:
+      vals = vals.astype(_F32) * sizes.astype(_F32)
+    out = jnp.zeros((n,), dtype).at[idx].set(vals.astype(dtype), unique_indices=True)
+    return out.reshape(shape)
+
+  def payload_bytes(shape, dtype):
+    return count_of(ratio, numel(shape)) * jnp.dtype(dtype).itemsize
+
+  return Compressor(
+    name=call,
+    init=_stateless,
+    encode=encode,
+    decode=decode,
+    payload_bytes=payload_bytes,
+    summable=True,
+    stochastic=True,
+    unbiased=bool(unbiased),
+  )
+
+
+# -- quantizers --------------------------------------------------------------------
+
+
+def _level_dtype(levels: int) -> Any:
+  for dtype in (jnp.int8, jnp.int16):
+    if levels <= jnp.iinfo(dtype).max:
+      return jnp.dtype(dtype)
+  return jnp.dtype(jnp.int32)
+
+
+def _bucket_max(xb: jax.Array) -> jax.Array:
+  """``max |x|`` of each row, as float32.
+
+  One variadic max/min reduction straight over the input: XLA:CPU vectorizes a
+  row reduction of an input array, but not of a fused ``|x|`` or ``x**2``,
+  which runs about ten times slower.
+  """
+
+  def combine(a, b):
+    return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+  inf = jnp.array(jnp.inf, xb.dtype)
+  hi, lo = lax.reduce((xb, xb), (-inf, inf), combine, (1,))
+  return jnp.maximum(hi, -lo).astype(_F32)
+
+
+def _bucket_l2(xb: jax.Array) -> jax.Array:
+  wide = xb.astype(_F32)
+  return jnp.sqrt(jnp.sum(wide * wide, axis=1))
+
+
+def qsgd(
+  levels: int = 127,
+  *,
+  bucket_size: int = 128,
+  norm: Literal["max", "l2"] = "max",
+) -> Compressor:
+  """Unbiased stochastic quantization to ``levels`` levels per bucket.
+
+  The flat leaf is cut into buckets of ``bucket_size`` elements (the last one
+  shorter). For a bucket with norm ``r``, each element becomes
+  ``sign(x) * l * r / levels`` with the integer ``l`` equal to
+  ``|x| / r * levels`` rounded up or down at random, so that ``E[x_hat] = x``.
+
+  ``norm="max"`` (default) takes ``r = max |x|`` over the bucket, which puts
+  the bucket's largest element on the top level and gives a smaller variance
+  than the L2 norm of the paper's analysis (``norm="l2"``); on XLA:CPU its
+  per-bucket reduction is also about ten times faster.
+
+  Payload: ``levels`` (``n`` signed integers, in the smallest of int8, int16,
+  int32 that holds ``levels``) and ``scales`` (one float32 per bucket, the
+  value of one level, ``r / levels`` rounded up to ``24 - bit_length(levels)``
+  significant bits): ``n * itemsize + 4 * ceil(n / bucket_size)`` bytes. The
+  short scale makes every decoded ``level * scale`` exact in float32, so all
+  devices decode bit-identical values whatever XLA fuses (and a fused
+  multiply-add in error feedback's residual changes nothing). Computed in
+  float32.
+
+  Args:
+    levels: the number of levels above zero, an int >= 1 (127 fits int8).
+    bucket_size: the elements sharing one norm, an int >= 1.
+    norm: ``"max"`` or ``"l2"``.
+
+  Returns:
+    A stochastic, unbiased :class:`Compressor` (not summable).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> F32 = jnp.float32
+    >>> c = compression.qsgd(levels=4, bucket_size=2, norm="l2")
+    >>> x = jnp.array([3.0, 4.0, 0.0, -2.0])
+    >>> x_hat, payload, _ = c.roundtrip(x, (), jax.random.PRNGKey(0))
+    >>> print(payload["scales"], payload["levels"].dtype, c.payload_bytes((4,), F32))
+    [1.25 0.5 ] int8 12
+    >>> print(x_hat[3])  # -2.0 is exactly the top level of its bucket
+    -2.0
+
+  References:
+    Alistarh et al., `QSGD: communication-efficient SGD via gradient quantization
+    and encoding <https://arxiv.org/abs/1610.02132>`_, 2017.
+  """
+  call = "qsgd"
+  levels = check_int(call, "levels", levels, 1)
+  bucket_size = check_int(call, "bucket_size", bucket_size, 1)
+  check_choice(call, "norm", norm, ("max", "l2"))
+  out_dtype = _level_dtype(levels)
+  bucket_norm = _bucket_max if norm == "max" else _bucket_l2
+
+  def pieces(flat: jax.Array) -> list[jax.Array]:
+    """Whole buckets as rows, then the short last bucket as one row.
+
+    Never padded: XLA:CPU materializes a padded copy of the input rather than
+    fuse the padding into the quantizer.
+    """
+    n = flat.shape[0]
+    whole = n - n % bucket_size
+    out = [flat[:whole].reshape(-1, bucket_size)] if whole else []
+    if whole < n:
+      out.append(flat[whole:].reshape(1, -1))
+    return out
+
+  # Scales keep at most 24 - level_bits significant bits, so that a level
+  # (level_bits bits) times a scale fits float32's 24-bit significand.
+  level_bits = levels.bit_length()
+  drop = min(23, level_bits)
+
+  def scale_of(r: jax.Array) -> jax.Array:
+    """``r / levels`` rounded up (towards +inf) to ``24 - level_bits`` bits."""
+    bits = lax.bitcast_convert_type(r / levels, jnp.uint32)
+    if level_bits >= 24:
+      return r / levels
+    mask = jnp.uint32((1 << drop) - 1)
+    return lax.bitcast_convert_type((bits + mask) & ~mask, _F32)
+
+  def quantize(xb: jax.Array, scale: jax.Array, bits: jax.Array) -> jax.Array:
+    safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    y = jnp.abs(xb).astype(_F32) / safe[:, None]
+    low = jnp.floor(y)
+    up = uniform01(bits) < y - low
+    mag = jnp.minimum(low + up.astype(_F32), float(levels))
+    return jnp.where(xb < 0, -mag, mag).astype(out_dtype).reshape(-1)
+
+  def encode(x, state, key):
+    seeds = hash_seeds(key)
+    levels_out, scales, start = [], [], 0
+    for xb in pieces(x.reshape(-1)):
+      scale = scale_of(bucket_norm(xb))
+      counter = lax.iota(jnp.uint32, xb.size).reshape(xb.shape) + jnp.uint32(start)
+      levels_out.append(quantize(xb, scale, hash_bits(seeds, counter)))
+      scales.append(scale)
+      start += xb.size
+    payload = {"levels": jnp.concatenate(levels_out), "scales": jnp.concatenate(scales)}
+    return payload, state
+
+  def decode(payload, shape, dtype, state, key):
+    del state, key
+    n = numel(shape)
+    # Padding the int8 levels fuses into decoding (unlike the float32 input's).
+    lv = jnp.pad(payload["levels"], (0, -n % bucket_size)).reshape(-1, bucket_size)
+    out = (lv.astype(_F32) * payload["scales"][:, None]).astype(dtype).reshape(-1)
+    return out[:n].reshape(shape)
+
+  def payload_bytes(shape, dtype):
+    del dtype
+    n = numel(shape)
+    return n * out_dtype.itemsize + 4 * (-(-n // bucket_size))
+
+  return Compressor(
+    name=call,
+    init=_stateless,
+    encode=encode,
+    decode=decode,
+    payload_bytes=payload_bytes,
+    summable=False,
+    stochastic=True,
+    unbiased=True,
+  )
+
+
+def terngrad() -> Compressor:
+  """Unbiased ternary quantization: ``x_hat = s * sign(x) * b``, ``s = max|x|``.
+
+  Each ``b`` is 1 with probability ``|x| / s``, else 0, so ``E[x_hat] = x``. The
+  ternary codes (0 negative, 1 zero, 2 positive) travel packed 2 bits per
+  element with the float32 scale: ``ceil(n / 4) + 4`` bytes. The packing is
+  planar: with ``m = ceil(n / 4)``, byte ``i`` holds elements ``i``, ``i + m``,
+  ``i + 2m`` and ``i + 3m`` in bits 0-1, 2-3, 4-5 and 6-7, so that encoding
+  reads ``x`` as four contiguous streams. The paper's optional clipping of
+  ``x`` to a few standard deviations before quantizing (biased) is left to a
+  clipper.
+
+  Returns:
+    A stochastic, unbiased :class:`Compressor` (not summable).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> c = compression.terngrad()
+    >>> x = jnp.array([-2.0, 0.0, 2.0, 1.0, 0.5])
+    >>> x_hat, payload, _ = c.roundtrip(x, (), jax.random.PRNGKey(0))
+    >>> print(payload["codes"].shape, payload["scale"], c.payload_bytes((5,), x.dtype))
+    (2,) 2.0 6
+    >>> print(x_hat[:3])
+    [-2.  0.  2.]
+
+  References:
+    Wen et al., `TernGrad: ternary gradients to reduce communication in
+    distributed deep learning <https://arxiv.org/abs/1705.07878>`_, 2017.
+  """
+
+  def encode(x, state, key):
+    flat = x.reshape(-1)
+    n = flat.shape[0]
+    m = -(-n // 4)
+    scale = jnp.max(jnp.abs(flat)).astype(_F32)
+    inv = 1.0 / jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    seeds = hash_seeds(key)
+    counter = lax.iota(jnp.uint32, m)
+    packed = jnp.zeros((m,), jnp.uint8)
+    for j in range(4):
+      part = flat[j * m : (j + 1) * m]
+      if part.shape[0] < m:  # the last quarter: zeros, which encode as zero
+        part = jnp.pad(part, (0, m - part.shape[0]))
+      u = uniform01(hash_bits(seeds, counter + jnp.uint32(j * m)))
+      keep = u < jnp.abs(part).astype(_F32) * inv
+      code = jnp.where(
+        keep, jnp.where(part < 0, jnp.uint8(0), jnp.uint8(2)), jnp.uint8(1)
+      )
+      packed = packed | (code << jnp.uint8(2 * j))
+    return {"codes": packed, "scale": scale}, state
+
+  def decode(payload, shape, dtype, state, key):
+    del state, key
+    shifts = jnp.arange(0, 8, 2, dtype=jnp.uint8)[:, None]
+    codes = (payload["codes"][None, :] >> shifts) & jnp.uint8(3)  # (4, m)
+    s = payload["scale"]
+    zero = jnp.zeros((), _F32)
+    out = jnp.where(codes == 2, s, jnp.where(codes == 0, -s, zero)).astype(dtype)
+    return out.reshape(-1)[: numel(shape)].reshape(shape)
+
+  def payload_bytes(shape, dtype):
+    del dtype
+    return -(-numel(shape) // 4) + 4
+
+  return Compressor(
+    name="terngrad",
+    init=_stateless,
+    encode=encode,
+    decode=decode,
+    payload_bytes=payload_bytes,
+    summable=False,
+    stochastic=True,
+    unbiased=True,
+  )
+
+
+def sign() -> Compressor:
+  """Scaled sign: ``x_hat = mean(|x|) * sign(x)``, signs packed 1 bit each.
+
+  Payload: ``signs`` (``ceil(n / 8)`` bytes, 8 per byte, the first element in the
+  lowest bit; 1 means negative, so zeros decode as ``+mean(|x|)``) and the
+  float32 ``scale``: ``ceil(n / 8) + 4`` bytes. Biased but a contraction, so
+  it suits error feedback (EF-signSGD).
+
+  Returns:
+    A deterministic :class:`Compressor` (not summable).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> c = compression.sign()
+    >>> x = jnp.array([1.0, -3.0, 2.0, -2.0])
+    >>> x_hat, payload, _ = c.roundtrip(x, (), None)
+    >>> print(x_hat, payload["signs"], payload["scale"])
+    [ 2. -2.  2. -2.] [10] 2.0
+
+  References:
+    Bernstein et al., `signSGD: compressed optimisation for non-convex problems
+    <https://arxiv.org/abs/1802.04434>`_, 2018; Karimireddy et al., `Error
+    feedback fixes SignSGD and other gradient compression schemes
+    <https://arxiv.org/abs/1901.09847>`_, 2019.
+  """
+
+  def encode(x, state, key):
+    del key
+    flat = x.reshape(-1)
+    scale = jnp.mean(jnp.abs(flat).astype(_F32))
+    return {"signs": pack_bits(flat < 0), "scale": scale}, state
+
+  def decode(payload, shape, dtype, state, key):
+    del state, key
+    neg = unpack_bits(payload["signs"], numel(shape))
+    s = payload["scale"].astype(dtype)
+    return jnp.where(neg == 1, -s, s).reshape(shape)
+
+  def payload_bytes(shape, dtype):
+    del dtype
+    return -(-numel(shape) // 8) + 4
+
+  return Compressor(
+    name="sign",
+    init=_stateless,
+    encode=encode,
+    decode=decode,
+    payload_bytes=payload_bytes,
+    summable=False,
+    stochastic=False,
+    unbiased=False,
+  )
+
+
+def natural() -> Compressor:
+  """Natural compression: unbiased stochastic rounding to a power of two.
+
+  ``|x|`` in ``[2**e, 2**(e+1))`` becomes ``2**(e+1)`` with probability
+  ``|x| / 2**e - 1``, else ``2**e`` (subnormals round to 0 or the smallest
+  normal the same way), so ``E[x_hat] = x``, with variance at most ``x**2 / 8``.
+  The probability is the float32 mantissa itself, compared with 23 random
+  bits, so it is exact. The payload is 9 bits per element: ``exponents`` (``n``
+  bytes, the float32 exponent field; 0 means zero) and ``signs`` packed 8 per
+  byte: ``n + ceil(n / 8)`` bytes. Computed through float32 (float64 values
+  beyond its range become 0 or infinity; NaN decodes as infinity; float16
+  values above ``2**15`` may round up to ``2**16``, which is infinity there).
+
+  Returns:
+    A stochastic, unbiased :class:`Compressor` (not summable).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> c = compression.natural()
+    >>> x = jnp.array([1.0, -0.25, 3.0, 0.0])
+    >>> x_hat, payload, _ = c.roundtrip(x, (), jax.random.PRNGKey(0))
+    >>> print(x_hat[:2], x_hat[2] in (2.0, 4.0), payload["exponents"][:2])
+    [ 1.   -0.25] True [127 125]
+
+  References:
+    Horvath et al., `Natural compression for distributed deep learning
+    <https://arxiv.org/abs/1905.10988>`_, 2019.
+  """
+
+  def encode(x, state, key):
+    flat = x.reshape(-1).astype(_F32)
+    # Read sign and magnitude from the bits: with denormals flushed, XLA:CPU
+    # finds -1e-40 < 0 false, yet the mantissa below still sees it.
+    bits = lax.bitcast_convert_type(flat, jnp.uint32)
+    exponent = (bits >> 23) & jnp.uint32(0xFF)
+    mantissa = bits & jnp.uint32(0x7FFFFF)
+    up = (random_bits(key, flat.shape) >> 9) < mantissa
+    code = jnp.minimum(exponent + up.astype(jnp.uint32), jnp.uint32(255))
+    negative = (bits >> 31) == 1
+    payload = {"exponents": code.astype(jnp.uint8), "signs": pack_bits(negative)}
+    return payload, state
+
+  def decode(payload, shape, dtype, state, key):
+    del state, key
+    neg = unpack_bits(payload["signs"], numel(shape)).astype(jnp.uint32)
+    bits = (payload["exponents"].astype(jnp.uint32) << 23) | (neg << 31)
+    return lax.bitcast_convert_type(bits, _F32).astype(dtype).reshape(shape)
+
+  def payload_bytes(shape, dtype):
+    del dtype
+    n = numel(shape)
+    return n + -(-n // 8)
+
+  return Compressor(
+    name="natural",
+    init=_stateless,
+    encode=encode,
+    decode=decode,
+    payload_bytes=payload_bytes,
+    summable=False,
+    stochastic=True,
+    unbiased=True,
+  )
+
+
+def cast(dtype: Any) -> Compressor:
+  """Sends the leaf cast to ``dtype`` (e.g. ``jnp.bfloat16``), rounded to nearest.
+
+  Payload: ``values`` (``n`` elements of ``dtype``): ``n * itemsize`` bytes.
+  Summable: workers' payloads can be added in ``dtype`` before decoding
+  (mind its range and precision when many are summed).
+
+  Args:
+    dtype: a floating-point dtype, usually ``jnp.float16`` or ``jnp.bfloat16``.
+
+  Returns:
+    A deterministic, summable :class:`Compressor`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> c = compression.cast(jnp.bfloat16)
+    >>> x = jnp.array([1.0, 1.00390625, 3.0])
+    >>> x_hat, payload, _ = c.roundtrip(x, (), None)
+    >>> print(x_hat, payload["values"].dtype, c.payload_bytes(x.shape, x.dtype))
+    [1. 1. 3.] bfloat16 6
+
+  References:
+    Micikevicius et al., `Mixed precision training
+    <https://arxiv.org/abs/1710.03740>`_, 2018.
+  """
+  wire = check_float_dtype("cast", "dtype", dtype)
+
+  def encode(x, state, key):
+    del key
+    return {"values": x.reshape(-1).astype(wire)}, state
+
+  def decode(payload: Payload, shape, dtype, state, key):
+    del state, key
+    return payload["values"].astype(dtype).reshape(shape)
+
+  def payload_bytes(shape, dtype):
+    del dtype
+    return numel(shape) * wire.itemsize
+
+  return Compressor(
+    name=f"cast_{wire.name}",
+    init=_stateless,
+    encode=encode,
+    decode=decode,
+    payload_bytes=payload_bytes,
+    summable=True,
+    stochastic=False,
+    unbiased=False,
+  )

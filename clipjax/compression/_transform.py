@@ -1,0 +1,371 @@
+"""``compress``: a compressor and its feedback as an optax transformation."""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clipjax import _norms
+from clipjax.compression._base import Compressor, check_choice, nbytes, wire
+from clipjax.compression._feedback import FEEDBACKS, Feedback
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionStats:
+  """What a compressing transformation sent on its last update (zeros before).
+
+  A registered pytree whose name is static metadata, so that
+  :func:`compression_stats` can label it wherever it sits in an optax state.
+  All fields are float32 scalars (byte counts are exact below ``2**24``; the
+  compressor's ``payload_bytes`` gives exact Python ints at any size).
+
+  Attributes:
+    bytes_sent: payload bytes of the whole update tree.
+    dense_bytes: bytes of the update sent uncompressed.
+    ratio: ``dense_bytes / bytes_sent``, the compression ratio.
+    density: the fraction of the update's elements that are nonzero.
+    residual_norm: the L2 norm of what the receiver has not yet got: the
+      residual carried to the next step (error feedback, DGC), the gradient
+      minus the new estimate (EF21), or minus the update (no feedback).
+    name: the compressor's name (static).
+  """
+
+  bytes_sent: jax.Array
+  dense_bytes: jax.Array
+  ratio: jax.Array
+  density: jax.Array
+  residual_norm: jax.Array
+  name: str = "compress"
+
+
+jax.tree_util.register_dataclass(
+  CompressionStats,
+  data_fields=["bytes_sent", "dense_bytes", "ratio", "density", "residual_norm"],
+  meta_fields=["name"],
+)
+
+_FIELDS = ("bytes_sent", "dense_bytes", "ratio", "density", "residual_norm")
+
+
+class CompressState(NamedTuple):
+  """State of :func:`compress` and :func:`dgc`."""
+
+  step: jax.Array  # shape=(), int32: updates so far; folded into the key
+  key: jax.Array  # uint32 key data: the base key
+  compressor: Any  # per-leaf compressor states, a tree like the updates
+  feedback: Any  # per-leaf feedback states, a tree like the updates
+  stats: CompressionStats
+
+
+# (x, compressor state, key) -> (local_hat, mean_hat, compressor state, bytes)
+Exchange = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any, int]]
+
+
+def key_data(call: str, key: Any) -> jax.Array:
+  """Raw ``uint32`` key data from ``None`` (seed 0), an int seed, or a key."""
+  if key is None:
+    key = 0
+  if isinstance(key, int | np.integer) and not isinstance(key, bool):
+    return jax.random.PRNGKey(int(key))
+  try:
+    arr = jnp.asarray(key)
+  except TypeError as e:
+    raise ValueError(
+      f"{call}(key={key!r}) must be None, an int seed or a PRNG key."
+    ) from e
+  if jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(arr)
+  if arr.dtype != jnp.uint32:
+    raise ValueError(f"{call}(key={key!r}) must be None, an int seed or a PRNG key.")
+  return arr
+
+
+def _check_leaves(call: str, tree: Any) -> None:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      where = jax.tree_util.keystr(path) or "the update"
+      raise TypeError(
+        f"{call}: leaf {where} has dtype {dtype}; compression needs floating-point"
+        " updates (mask integer leaves out with optax.masked)."
+      )
+
+
+def _up_to(treedef: Any, tree: Any) -> list[Any]:
+  """The subtrees of ``tree`` at the leaves of ``treedef`` (``()`` included)."""
+  return treedef.flatten_up_to(tree)
+
+
+def _zero_stats(name: str) -> CompressionStats:
+  z = jnp.zeros((), jnp.float32)
+  return CompressionStats(z, z, z, z, z, name)
+
+
+def _run_stage(
+  compressor: Compressor,
+  feedback: Feedback,
+  leaves: list[jax.Array],
+  cstates: list[Any],
+  fstates: list[Any],
+  keys: list[jax.Array],
+  exchange: Exchange | None = None,
+) -> tuple[list[jax.Array], list[Any], list[Any], list[jax.Array], int]:
+  """Compresses every leaf; returns updates, states, missing parts and bytes.
+
+  Without ``exchange``, the update is ``decode(encode(x))`` and the bytes are
+  the payload's; ``exchange(x, cstate, key) -> (local_hat, mean_hat, cstate,
+  bytes)`` replaces that step with a collective one (``clipjax.distributed``).
+  """
+  outs, new_c, new_f, missing = [], [], [], []
+  sent = 0
+  for g, cs, fs, key in zip(leaves, cstates, fstates, keys, strict=True):
+    if g.size == 0:
+      outs.append(g)
+      new_c.append(cs)
+      new_f.append(fs)
+      continue
+    x = feedback.prepare(g, fs)
+    if exchange is not None:
+      local_hat, mean_hat, cs, leaf_bytes = exchange(x, cs, key)
+      sent += leaf_bytes
+      if feedback.name != "none":  # as below
+        local_hat = jax.lax.optimization_barrier(local_hat)
+      out, fs, miss = feedback.finish(g, fs, local_hat, mean_hat)
+      outs.append(out)
+      new_c.append(cs)
+      new_f.append(fs)
+      missing.append(miss)
+      continue
+    payload, cs = compressor.encode(x, cs, key)
+    claimed = compressor.payload_bytes(g.shape, g.dtype)
+    if nbytes(payload) != claimed:
+      raise ValueError(
+        f"compressor {compressor.name!r} claims {claimed} payload bytes for shape"
+        f" {g.shape} {g.dtype} but its payload holds {nbytes(payload)}."
+      )
+    sent += claimed
+    x_hat = compressor.decode(wire(payload), g.shape, g.dtype, cs, key)
+    if feedback.name != "none":
+      # Ask XLA to materialize the update before the residual is taken from it:
+      # a product fused with the subtraction (an FMA, a GEMM epilogue) would make
+      # the residual differ from (g + e) - update by a rounding. XLA:CPU drops
+      # the barrier; there, decoders whose products are exact (qsgd's scales)
+      # or absent keep the residual exact.
+      x_hat = jax.lax.optimization_barrier(x_hat)
+    out, fs, miss = feedback.finish(g, fs, x_hat, x_hat)
+    outs.append(out)
+    new_c.append(cs)
+    new_f.append(fs)
+    missing.append(miss)
+  return outs, new_c, new_f, missing, sent
+
+
+def staged_transform(
+  call: str,
+  name: str,
+  stages: Sequence[Compressor],
+  stage_of: Callable[[jax.Array], jax.Array] | None,
+  feedback: Feedback,
+  key: Any,
+  *,
+  exchange: Exchange | None = None,
+  dense_bytes: Callable[[list[jax.Array]], float] | None = None,
+  check: Callable[[], Any] | None = None,
+) -> optax.GradientTransformation:
+  """The transformation behind :func:`compress`, :func:`dgc` and
+  ``clipjax.distributed.compressed_mean``.
+
+  ``stage_of(step)`` picks which of ``stages`` (compressors with the same state
+  structure, e.g. top-k at several ratios) runs this step, through
+  ``lax.switch``: each stage has its own static payload size. ``exchange`` (see
+  :func:`_run_stage`) makes it a multi-worker transformation: feedback then
+  keeps what EF21 shares between workers, ``dense_bytes(leaves)`` gives the
+  bytes the uncompressed exchange would move, and ``check()`` runs first in
+  every update (to raise a clear error outside the right context).
+  """
+  base_key = key_data(call, key)
+
+  def init_fn(params):
+    _check_leaves(call, params)
+    leaves, treedef = jax.tree.flatten(params)
+    cstates = [stages[0].init(x.shape, x.dtype) if x.size else () for x in leaves]
+    distributed = exchange is not None
+    fstates = [feedback.init(x, distributed) if x.size else () for x in leaves]
+    return CompressState(
+      step=jnp.zeros((), jnp.int32),
+      key=base_key,
+      compressor=jax.tree.unflatten(treedef, cstates),
+      feedback=jax.tree.unflatten(treedef, fstates),
+      stats=_zero_stats(name),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    if check is not None:
+      check()
+    _check_leaves(call, updates)
+    leaves, treedef = jax.tree.flatten(updates)
+    cstates = _up_to(treedef, state.compressor)
+    fstates = _up_to(treedef, state.feedback)
+    step_key = jax.random.fold_in(state.key, state.step)
+    keys = [jax.random.fold_in(step_key, i) for i in range(len(leaves))]
+
+    def branch(compressor):
+      def run(cs, fs):
+        outs, cs, fs, missing, sent = _run_stage(
+          compressor, feedback, leaves, cs, fs, keys, exchange
+        )
+        return outs, cs, fs, missing, jnp.asarray(sent, jnp.float32)
+
+      return run
+
+    if stage_of is None or len(stages) == 1:
+      outs, cstates, fstates, missing, sent = branch(stages[0])(cstates, fstates)
+    else:
+      index = stage_of(state.step)
+      outs, cstates, fstates, missing, sent = jax.lax.switch(
+        index, [branch(c) for c in stages], cstates, fstates
+      )
+    total = sum(int(g.size) for g in leaves)
+    if dense_bytes is None:
+      dense = float(sum(int(g.size) * g.dtype.itemsize for g in leaves))
+    else:
+      dense = float(dense_bytes(leaves))
+    nonzero = sum(
+      (jnp.count_nonzero(o).astype(jnp.float32) for o in outs),
+      jnp.zeros((), jnp.float32),
+    )
+    stats = CompressionStats(
+      bytes_sent=sent,
+      dense_bytes=jnp.asarray(dense, jnp.float32),
+      ratio=jnp.where(sent > 0, dense / jnp.maximum(sent, 1.0), 1.0),
+      density=nonzero / max(total, 1),
+      residual_norm=_norms.global_norm(missing).astype(jnp.float32),
+      name=name,
+    )
+    new_state = CompressState(
+      step=optax.safe_int32_increment(state.step),
+      key=state.key,
+      compressor=jax.tree.unflatten(treedef, cstates),
+      feedback=jax.tree.unflatten(treedef, fstates),
+      stats=stats,
+    )
+    return jax.tree.unflatten(treedef, outs), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def compress(
+  compressor: Compressor,
+  *,
+  feedback: str | None = "error_feedback",
+  key: Any = None,
+) -> optax.GradientTransformation:
+  """Compresses each leaf of the update and returns exactly what decoding gives.
+
+  On one process this is the whole wire: for each leaf, the feedback forms the
+  array to send, the compressor encodes it into its payload, and the update is
+  ``decode(payload)`` (for EF21, the running estimate plus it), so training
+  sees precisely what a receiver would. The statistics count the payload's
+  bytes.
+
+  Keys: step ``t``'s leaf ``i`` (in ``jax.tree.leaves`` order) is given
+  ``fold_in(fold_in(key, t), i)``; workers that share ``key`` thus share
+  random-k's indices.
+
+  Args:
+    compressor: a :class:`Compressor`, e.g. ``top_k(0.01)``.
+    feedback: ``"error_feedback"`` (default: compress ``g + e``, keep the
+      residual ``e``), ``"ef21"`` (compress the change of a running estimate),
+      or ``None``. Error feedback wants a contraction (top-k, sign, PowerSGD,
+      ``random_k(..., unbiased=False)``); unbiased compressors whose variance
+      exceeds the gradient's own (random-k scaled, TernGrad on large leaves)
+      can make the residual grow: use them without feedback.
+    key: the base PRNG key: ``None`` (seed 0), an int seed, or a key.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`CompressState`
+    (its ``stats`` a :class:`CompressionStats`, read with
+    :func:`compression_stats`). Feedback state is float32 for half-precision
+    leaves; updates keep their dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from clipjax import compression
+    >>> tx = compression.compress(compression.top_k(0.5))
+    >>> g = {"w": jnp.array([1.0, -4.0, 2.0, 3.0])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> print(u["w"], state.feedback["w"])
+    [ 0. -4.  0.  3.] [1. 0. 2. 0.]
+    >>> u, state = tx.update(g, state)  # the residual is added back
+    >>> print(u["w"], state.feedback["w"])
+    [ 0. -4.  4.  0.] [2. 0. 0. 3.]
+    >>> {k: float(v) for k, v in compression.compression_stats(state).items()}
+    {'top_k/bytes_sent': 16.0, 'top_k/dense_bytes': 16.0, 'top_k/ratio': 1.0,
+     'top_k/density': 0.5, 'top_k/residual_norm': 3.605...}
+
+  References:
+    Karimireddy et al., `Error feedback fixes SignSGD and other gradient
+    compression schemes <https://arxiv.org/abs/1901.09847>`_, 2019.
+  """
+  call = "compress"
+  if not isinstance(compressor, Compressor):
+    raise TypeError(f"{call}(compressor={compressor!r}) must be a Compressor.")
+  check_choice(call, "feedback", feedback, tuple(FEEDBACKS))
+  return staged_transform(
+    call, compressor.name, [compressor], None, FEEDBACKS[feedback](), key
+  )
+
+
+def compression_stats(opt_state: Any) -> dict[str, jax.Array]:
+  """Flattens every compressor's statistics in an optax state tree into a dict.
+
+  The sibling of :func:`~clipjax.clip_stats`, with the same naming:
+  ``"<labels>/<compressor>/<field>"``, the labels being the string keys on the
+  way down (``named_chain`` names, ``multi_transform`` labels); a name that
+  repeats gets ``_1``, ``_2``, ...
+
+  Args:
+    opt_state: any optax state (or pytree holding one).
+
+  Returns:
+    A dict from names to float32 scalars, ready for a logger.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from clipjax import compression
+    >>> tx = optax.named_chain(
+    ...   ("wire", compression.compress(compression.sign(), feedback=None)),
+    ...   ("sgd", optax.sgd(0.1)),
+    ... )
+    >>> g = {"w": jnp.ones((64,))}
+    >>> _, state = tx.update(g, tx.init(g))
+    >>> stats = compression.compression_stats(state)
+    >>> print(stats["wire/sign/bytes_sent"], stats["wire/sign/ratio"])
+    12.0 21.333334
+  """
+  found = jax.tree_util.tree_flatten_with_path(
+    opt_state, is_leaf=lambda x: isinstance(x, CompressionStats)
+  )[0]
+  out: dict[str, jax.Array] = {}
+  seen: dict[str, int] = {}
+  for path, node in found:
+    if not isinstance(node, CompressionStats):
+      continue
+    labels = [
+      str(k.key)
+      for k in path
+      if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)
+    ]
+    base = "/".join([*labels, node.name])
+    count = seen.get(base, 0)
+    seen[base] = count + 1
+    if count:
+      base = f"{base}_{count}"
+    for field in _FIELDS:
+      out[f"{base}/{field}"] = getattr(node, field)
+  return out
