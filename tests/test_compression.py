@@ -499,7 +499,14 @@ def test_compression_stats_numbers_repeated_names():
   assert set(C.compression_stats(state)) == {
     f"sign{s}/{f}"
     for s in ("", "_1")
-    for f in ("bytes_sent", "dense_bytes", "ratio", "density", "residual_norm")
+    for f in (
+      "bytes_sent",
+      "bytes_received",
+      "dense_bytes",
+      "ratio",
+      "density",
+      "residual_norm",
+    )
   }
 
 

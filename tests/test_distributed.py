@@ -201,3 +201,46 @@ def test_errors():
   tx = distributed.compressed_mean(compression.sign(), "batch")
   with pytest.raises(ValueError, match=r"axis_name='batch'.*no mesh axis"):
     run_on_mesh(tx, _grads())
+
+
+def test_dgc_across_devices_equals_8_single_process_workers_with_the_per_worker_bound():
+  """Each worker clips to C / sqrt(8), runs DGC alone; the update is their mean."""
+  grads = _grads(shape=(40,))
+  bound = 2.0
+  tx = compression.dgc(
+    0.25, momentum=0.5, clip_norm=bound, selection="exact", axis_name="data"
+  )
+  updates, _ = run_on_mesh(tx, grads, steps=3)
+  expected = []
+  for i in range(N):
+    worker = compression.dgc(
+      0.25, momentum=0.5, clip_norm=bound / np.sqrt(N), selection="exact"
+    )
+    state = worker.init(grads[i])
+    steps = []
+    for _ in range(3):
+      u, state = worker.update(grads[i], state)
+      steps.append(u)
+    expected.append(np.stack(steps))
+  np.testing.assert_allclose(
+    updates[0], np.mean(expected, axis=0), rtol=1e-5, atol=1e-7
+  )
+  for device in range(N):
+    np.testing.assert_array_equal(updates[device], updates[0])
+
+
+def test_bytes_received_equal_bytes_sent_for_ring_collectives():
+  grads = _grads()
+  tx = distributed.compressed_mean(compression.sign(), "data")
+
+  @jax.jit
+  @jax.shard_map(mesh=_mesh(), in_specs=P("data"), out_specs=P())
+  def stats(g):
+    _, state = tx.update(g[0], tx.init(g[0]))
+    s = compression.compression_stats(state)
+    return jnp.stack([s["sign/bytes_sent"], s["sign/bytes_received"], s["sign/ratio"]])
+
+  sent, received, ratio = np.asarray(stats(grads))
+  assert sent == received == 7 * compression.sign().payload_bytes((6, 20), jnp.float32)
+  dense = 2 * 7 * 120 * 4 // 8
+  np.testing.assert_allclose(ratio, dense / sent, rtol=1e-6)

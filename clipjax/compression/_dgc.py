@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clipjax.compression import _exchange
 from clipjax.compression._base import check_choice, check_int, check_ratio
 from clipjax.compression._compressors import top_k
 from clipjax.compression._feedback import dgc_momentum
@@ -40,6 +41,7 @@ def dgc(
   warmup_steps: int = 0,
   selection: Literal["exact", "sampled"] = "sampled",
   key: Any = None,
+  axis_name: Any = None,
 ) -> optax.GradientTransformation:
   """Deep Gradient Compression: top-k of momentum-corrected, accumulated gradients.
 
@@ -56,10 +58,16 @@ def dgc(
   is its own static-size ``top_k`` selected by ``lax.switch`` on the step, and
   the statistics count the bytes of the stage that ran.
 
-  With ``clip_norm``, each worker first clips its gradient to that global norm
-  (:func:`clipjax.clip_by_global_norm`, chained before); the paper scales the
-  bound by ``N ** -0.5`` for ``N`` workers, so pass ``clip_norm / sqrt(N)``
-  when ``N`` workers sum their updates.
+  With ``axis_name`` (inside ``shard_map`` over the data axis), it is the
+  multi-worker DGC: each device accumulates and selects its own top-k, the
+  sparse payloads are all-gathered, and the update is their decoded mean, as
+  in ``clipjax.distributed.compressed_mean``.
+
+  With ``clip_norm``, each worker first clips its own gradient by global norm
+  (:func:`clipjax.clip_by_global_norm`, chained before). On one process the
+  bound is ``clip_norm``; with ``axis_name`` over ``N`` devices it is the
+  paper's per-worker bound ``clip_norm / sqrt(N)``, so that the sum of ``N``
+  independent clipped gradients has a norm of order ``clip_norm``.
 
   Args:
     ratio: the final density, the fraction of entries sent, in (0, 1].
@@ -70,6 +78,8 @@ def dgc(
     selection: ``"sampled"`` (DGC's threshold from a random sample) or
       ``"exact"``; see :func:`top_k`.
     key: the base PRNG key for the sampled selection.
+    axis_name: the mesh axis to average over, inside ``shard_map``; ``None``
+      for one process.
 
   Returns:
     An ``optax.GradientTransformation``; its state is a :class:`CompressState`
@@ -124,11 +134,34 @@ def dgc(
   def stage_of(step: jax.Array) -> jax.Array:
     return jnp.minimum(step // per_stage, warm)
 
+  if axis_name is None:
+    extra: dict[str, Any] = {}
+  else:
+    extra = {
+      "exchange": lambda c: _exchange.leaf_exchange(c, axis_name, "all_gather"),
+      "dense_bytes": _exchange.dense_bytes(axis_name),
+      "check": lambda: _exchange.axis_size(call, axis_name),
+    }
   core = staged_transform(
-    call, call, stages, stage_of if warm else None, dgc_momentum(float(momentum)), key
+    call,
+    call,
+    stages,
+    stage_of if warm else None,
+    dgc_momentum(float(momentum)),
+    key,
+    **extra,
   )
   if clip_norm is None:
     return core
   import clipjax  # the public face, imported late: clipjax imports this package
 
-  return optax.chain(clipjax.clip_by_global_norm(clip_norm), core)
+  if axis_name is None:
+    return optax.chain(clipjax.clip_by_global_norm(clip_norm), core)
+
+  def clip_update(updates, state, params=None):
+    n = _exchange.axis_size(call, axis_name)
+    per_worker = clipjax.clip_by_global_norm(clip_norm / math.sqrt(n))
+    return per_worker.update(updates, state, params)
+
+  init = clipjax.clip_by_global_norm(clip_norm).init
+  return optax.chain(optax.GradientTransformation(init, clip_update), core)

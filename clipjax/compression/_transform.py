@@ -24,7 +24,11 @@ class CompressionStats:
   compressor's ``payload_bytes`` gives exact Python ints at any size).
 
   Attributes:
-    bytes_sent: payload bytes of the whole update tree.
+    bytes_sent: payload bytes of the whole update tree; across devices, the
+      bytes one device sends per step by the exchange's ring collectives.
+    bytes_received: the bytes the receiver gets: on one process the payload;
+      across devices, what one device receives per step (for the symmetric
+      ring collectives used, as many as it sends).
     dense_bytes: bytes of the update sent uncompressed.
     ratio: ``dense_bytes / bytes_sent``, the compression ratio.
     density: the fraction of the update's elements that are nonzero.
@@ -35,6 +39,7 @@ class CompressionStats:
   """
 
   bytes_sent: jax.Array
+  bytes_received: jax.Array
   dense_bytes: jax.Array
   ratio: jax.Array
   density: jax.Array
@@ -44,11 +49,25 @@ class CompressionStats:
 
 jax.tree_util.register_dataclass(
   CompressionStats,
-  data_fields=["bytes_sent", "dense_bytes", "ratio", "density", "residual_norm"],
+  data_fields=[
+    "bytes_sent",
+    "bytes_received",
+    "dense_bytes",
+    "ratio",
+    "density",
+    "residual_norm",
+  ],
   meta_fields=["name"],
 )
 
-_FIELDS = ("bytes_sent", "dense_bytes", "ratio", "density", "residual_norm")
+_FIELDS = (
+  "bytes_sent",
+  "bytes_received",
+  "dense_bytes",
+  "ratio",
+  "density",
+  "residual_norm",
+)
 
 
 class CompressState(NamedTuple):
@@ -102,7 +121,7 @@ def _up_to(treedef: Any, tree: Any) -> list[Any]:
 
 def _zero_stats(name: str) -> CompressionStats:
   z = jnp.zeros((), jnp.float32)
-  return CompressionStats(z, z, z, z, z, name)
+  return CompressionStats(z, z, z, z, z, z, name)
 
 
 def _run_stage(
@@ -172,7 +191,7 @@ def staged_transform(
   feedback: Feedback,
   key: Any,
   *,
-  exchange: Exchange | None = None,
+  exchange: Callable[[Compressor], Exchange] | None = None,
   dense_bytes: Callable[[list[jax.Array]], float] | None = None,
   check: Callable[[], Any] | None = None,
 ) -> optax.GradientTransformation:
@@ -181,8 +200,9 @@ def staged_transform(
 
   ``stage_of(step)`` picks which of ``stages`` (compressors with the same state
   structure, e.g. top-k at several ratios) runs this step, through
-  ``lax.switch``: each stage has its own static payload size. ``exchange`` (see
-  :func:`_run_stage`) makes it a multi-worker transformation: feedback then
+  ``lax.switch``: each stage has its own static payload size. ``exchange``
+  (``exchange(compressor)`` is :func:`_run_stage`'s) makes it a multi-worker
+  transformation: feedback then
   keeps what EF21 shares between workers, ``dense_bytes(leaves)`` gives the
   bytes the uncompressed exchange would move, and ``check()`` runs first in
   every update (to raise a clear error outside the right context).
@@ -217,7 +237,13 @@ def staged_transform(
     def branch(compressor):
       def run(cs, fs):
         outs, cs, fs, missing, sent = _run_stage(
-          compressor, feedback, leaves, cs, fs, keys, exchange
+          compressor,
+          feedback,
+          leaves,
+          cs,
+          fs,
+          keys,
+          None if exchange is None else exchange(compressor),
         )
         return outs, cs, fs, missing, jnp.asarray(sent, jnp.float32)
 
@@ -241,6 +267,7 @@ def staged_transform(
     )
     stats = CompressionStats(
       bytes_sent=sent,
+      bytes_received=sent,
       dense_bytes=jnp.asarray(dense, jnp.float32),
       ratio=jnp.where(sent > 0, dense / jnp.maximum(sent, 1.0), 1.0),
       density=nonzero / max(total, 1),
@@ -305,8 +332,9 @@ def compress(
     >>> print(u["w"], state.feedback["w"])
     [ 0. -4.  4.  0.] [2. 0. 0. 3.]
     >>> {k: float(v) for k, v in compression.compression_stats(state).items()}
-    {'top_k/bytes_sent': 16.0, 'top_k/dense_bytes': 16.0, 'top_k/ratio': 1.0,
-     'top_k/density': 0.5, 'top_k/residual_norm': 3.605...}
+    {'top_k/bytes_sent': 16.0, 'top_k/bytes_received': 16.0,
+     'top_k/dense_bytes': 16.0, 'top_k/ratio': 1.0, 'top_k/density': 0.5,
+     'top_k/residual_norm': 3.605...}
 
   References:
     Karimireddy et al., `Error feedback fixes SignSGD and other gradient
