@@ -114,6 +114,33 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
+def labelled(opt_state: Any, kind: type) -> list[tuple[str, Any]]:
+  """Every node of type ``kind`` in ``opt_state``, with its readable name.
+
+  The name is ``"<labels>/<node.name>"``, the labels being the string keys on
+  the way down; a name that repeats gets ``_1``, ``_2``, ... Shared by
+  :func:`clip_stats` and ``clipjax.compression.compression_stats``.
+  """
+  found = jax.tree_util.tree_flatten_with_path(
+    opt_state, is_leaf=lambda x: isinstance(x, kind)
+  )[0]
+  out = []
+  seen: dict[str, int] = {}
+  for path, node in found:
+    if not isinstance(node, kind):
+      continue
+    labels = [
+      str(k.key)
+      for k in path
+      if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)
+    ]
+    base = "/".join([*labels, str(getattr(node, "name", kind.__name__))])
+    count = seen.get(base, 0)
+    seen[base] = count + 1
+    out.append((f"{base}_{count}" if count else base, node))
+  return out
+
+
 def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   """Flattens every clipper's statistics in an optax state tree into a dict.
 
@@ -139,24 +166,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     {'clip_by_global_norm/norm': 5.0, 'clip_by_global_norm/scale': 0.2,
      'clip_by_global_norm/bound': 1.0, 'clip_by_global_norm/clipped_fraction': 1.0}
   """
-  found = jax.tree_util.tree_flatten_with_path(
-    opt_state, is_leaf=lambda x: isinstance(x, ClipStats)
-  )[0]
   out: dict[str, jax.Array] = {}
-  seen: dict[str, int] = {}
-  for path, node in found:
-    if not isinstance(node, ClipStats):
-      continue
-    labels = [
-      str(k.key)
-      for k in path
-      if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)
-    ]
-    base = "/".join([*labels, node.name])
-    count = seen.get(base, 0)
-    seen[base] = count + 1
-    if count:
-      base = f"{base}_{count}"
+  for base, node in labelled(opt_state, ClipStats):
     for field in _FIELDS:
       value = getattr(node, field)
       for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from clipjax import _norms
+from clipjax._stats import labelled
 from clipjax.compression._base import Compressor, check_choice, nbytes, wire
 from clipjax.compression._feedback import FEEDBACKS, Feedback
 
@@ -376,24 +377,8 @@ def compression_stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> print(stats["wire/sign/bytes_sent"], stats["wire/sign/ratio"])
     12.0 21.333334
   """
-  found = jax.tree_util.tree_flatten_with_path(
-    opt_state, is_leaf=lambda x: isinstance(x, CompressionStats)
-  )[0]
-  out: dict[str, jax.Array] = {}
-  seen: dict[str, int] = {}
-  for path, node in found:
-    if not isinstance(node, CompressionStats):
-      continue
-    labels = [
-      str(k.key)
-      for k in path
-      if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)
-    ]
-    base = "/".join([*labels, node.name])
-    count = seen.get(base, 0)
-    seen[base] = count + 1
-    if count:
-      base = f"{base}_{count}"
-    for field in _FIELDS:
-      out[f"{base}/{field}"] = getattr(node, field)
-  return out
+  return {
+    f"{base}/{field}": getattr(node, field)
+    for base, node in labelled(opt_state, CompressionStats)
+    for field in _FIELDS
+  }
