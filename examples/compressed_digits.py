@@ -43,30 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
+from digits import load_split
 
 from clipjax import compression as cc
 
 SIZES = (64, 128, 128, 10)
 BATCH = 64
 RATIO = 0.01  # density of the sparsifiers
-
-
-def load_data(split_seed: int = 0) -> tuple[np.ndarray, ...]:
-  """``(x_train, y_train, x_test, y_test)``, standardised, a fixed 80/20 split."""
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(
-    x, y, test_size=0.2, random_state=split_seed, stratify=y
-  )
-  scaler = StandardScaler().fit(x_train)
-  return (
-    scaler.transform(x_train).astype(np.float32),
-    y_train.astype(np.int32),
-    scaler.transform(x_test).astype(np.float32),
-    y_test.astype(np.int32),
-  )
 
 
 def init_mlp(key: jax.Array) -> dict[str, jax.Array]:
@@ -184,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   args = parser.parse_args(argv)
   epochs = 2 if args.quick else args.epochs
 
-  data = load_data()
+  data = load_split()
   batches = batch_indices(data[0].shape[0], epochs, args.seed)
   steps_per_epoch = data[0].shape[0] // BATCH
   print(

@@ -139,19 +139,14 @@ def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
   import jax.numpy as jnp
   import numpy as np
   import optax
+  from digits import load_split
   from flax import nnx
   from jax.sharding import Mesh, NamedSharding
   from jax.sharding import PartitionSpec as P
-  from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
 
   from clipjax import compression, distributed
 
-  x, y = load_digits(return_X_y=True)
-  x = (x / 16.0).astype(np.float32)
-  x_train, x_test, y_train, y_test = train_test_split(
-    x, y.astype(np.int32), test_size=0.2, random_state=0, stratify=y
-  )
+  x_train, y_train, x_test, y_test = load_split()
   mesh = Mesh(np.array(jax.devices()), ("data",))
   n_dev = mesh.size
   global_batch = args.batch_per_device * n_dev
@@ -245,7 +240,9 @@ def train_all(args: argparse.Namespace) -> list[dict[str, Any]]:
         "method": name,
         "compressor": spec,
         "feedback": feedback or "none",
-        "exchange": distributed.EXCHANGES[0] if exchange == "auto" else exchange,
+        "exchange": exchange
+        if exchange != "auto"
+        else ("psum" if compressor.summable or compressor.reduce else "all_gather"),
         "test_accuracy": accuracy,
         "bytes_per_step_per_device": sent_bytes,
         "dense_bytes_per_step_per_device": dense_bytes,

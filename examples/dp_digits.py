@@ -38,30 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from digits import load_split
 from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 
 import clipjax
 from clipjax import privacy
 
 DELTA = 1e-5
-
-
-def load_data(split_seed: int = 0) -> tuple[np.ndarray, ...]:
-  """``(x_train, y_train, x_test, y_test)``, standardised, a fixed 80/20 split."""
-  x, y = load_digits(return_X_y=True)
-  x_train, x_test, y_train, y_test = train_test_split(
-    x, y, test_size=0.2, random_state=split_seed, stratify=y
-  )
-  scaler = StandardScaler().fit(x_train)
-  return (
-    scaler.transform(x_train).astype(np.float32),
-    y_train.astype(np.int32),
-    scaler.transform(x_test).astype(np.float32),
-    y_test.astype(np.int32),
-  )
 
 
 class MLP(nnx.Module):
@@ -184,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
   if args.quick:
     args.epochs = 2.0
 
-  data = load_data()
+  data = load_split()
   n = len(data[0])
   sample_rate = args.batch_size / n
   steps = max(1, round(args.epochs * n / args.batch_size))

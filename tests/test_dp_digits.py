@@ -31,7 +31,11 @@ def dp_digits():
     "_example_dp_digits", ROOT / "examples" / "dp_digits.py"
   )
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  sys.path.insert(0, str(ROOT / "examples"))  # as when run as a script
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(str(ROOT / "examples"))
   return module
 
 
@@ -84,7 +88,7 @@ def test_masked_padding_adds_nothing_to_the_clipped_sum(dp_digits):
     pytest.skip("clipjax.per_example_clipped_grad is not available")
   from flax import nnx
 
-  x_train, y_train, _, _ = dp_digits.load_data()
+  x_train, y_train, _, _ = dp_digits.load_split()
   model = dp_digits.MLP(32, nnx.Rngs(0))
   f = nnx.jit(clipjax.per_example_clipped_grad(dp_digits.per_example_loss, l2_clip=1.0))
   x, y = jnp.asarray(x_train[:8]), jnp.asarray(y_train[:8])
