@@ -1,0 +1,84 @@
+"""clipjax bench: runs the benchmark scripts and joins their results in one table."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clipjax import _bench, cli
+
+
+def test_bench_runs_a_script_and_writes_one_table(tmp_path):
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "clipjax",
+      "bench",
+      "--only",
+      "compressors",
+      "--out",
+      str(tmp_path),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "[1/1] compressors.py --reps 5" in done.stdout
+  table = (tmp_path / "bench.md").read_text()
+  assert table in done.stdout
+  assert "| compressors | top_k(0.01, sampled) encode | " in table
+  assert "exact lax.top_k" in table and "cpus" in table
+  data = json.loads((tmp_path / "bench.json").read_text())
+  assert data["command"] == "clipjax bench"
+  cases = {r["case"] for r in data["rows"]}
+  assert "sign() encode+decode" in cases
+  assert all(r["ratio"] > 0 for r in data["rows"])
+
+
+def test_per_example_rows_are_ratios_to_their_own_framework():
+  data = {
+    "results": [
+      {
+        "model": "m",
+        "rows": [
+          {
+            "method": "jax plain",
+            "framework": "jax",
+            "status": "ok",
+            "ms": 2.0,
+            "ratio": 1.0,
+          },
+          {
+            "method": "clipjax ghost",
+            "framework": "jax",
+            "status": "ok",
+            "ms": 2.2,
+            "ratio": 1.1,
+          },
+          {
+            "method": "opacus ghost",
+            "framework": "torch",
+            "status": "not installed",
+            "ms": None,
+            "ratio": None,
+          },
+        ],
+      }
+    ]
+  }
+  rows = _bench._rows_per_example(data)
+  assert [r["case"] for r in rows] == ["m: clipjax ghost", "m: opacus ghost"]
+  assert rows[0]["baseline"] == "jax plain" and rows[0]["ratio"] == 1.1
+  assert rows[1]["ratio"] is None and rows[1]["note"] == "not installed"
+  assert "| not installed |" in _bench.markdown(rows, {"cpus": "2"}, "clipjax bench")
+
+
+def test_missing_benchmarks_folder_is_a_clear_error(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["bench", "--benchmarks", str(tmp_path)])
+  assert exit_info.value.code == 1
+  assert "no benchmarks in" in capsys.readouterr().err
