@@ -72,14 +72,36 @@ def check_float_leaves(
       raise TypeError(f"{call}: leaf {where} has dtype {dtype}; {why}.")
 
 
-def _squares(x: jax.Array, acc: np.dtype, divisor: jax.Array | None = None):
-  """|x|**2 elementwise in ``acc``, optionally of ``x / divisor``."""
+def _pow2_factors(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Powers of two that scale ``m`` into ``[0.5, 1)`` and back, each one normal.
+
+  Returns ``(down1, down2, up1, up2)`` with ``m * down1 * down2`` in
+  ``[0.5, 1)`` and ``up1 * up2`` the inverse. Dividing by ``m`` itself is
+  compiled as a multiply by ``1 / m``, which is subnormal, hence flushed to 0
+  on CPUs, once ``m`` exceeds ``2**126``; two normal factors never are. Zero,
+  infinite and NaN ``m`` give factors of 1.
+  """
+  _, e = jnp.frexp(jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m)))
+  half = e // 2
+  one = jnp.ones_like(m)
+  return (
+    jnp.ldexp(one, -half),
+    jnp.ldexp(one, half - e),
+    jnp.ldexp(one, half),
+    jnp.ldexp(one, e - half),
+  )
+
+
+def _squares(
+  x: jax.Array, acc: np.dtype, factors: tuple[jax.Array, jax.Array] | None = None
+):
+  """|x|**2 elementwise in ``acc``, optionally of ``x * factors[0] * factors[1]``."""
   parts = (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
   total = None
   for part in parts:
     part = part.astype(acc)
-    if divisor is not None:
-      part = part / divisor
+    if factors is not None:
+      part = part * factors[0] * factors[1]
     total = jnp.square(part) if total is None else total + jnp.square(part)
   return total
 
@@ -91,10 +113,9 @@ def _sum_squares(x: jax.Array, axis: Axes, acc: np.dtype) -> jax.Array:
 def _rescaled_norm(x: jax.Array, axis: Axes, acc: np.dtype) -> jax.Array:
   """The L2 norm as ``m * sqrt(sum((x / m)**2))``, ``m`` the largest magnitude."""
   m = jnp.max(jnp.abs(x).astype(acc), axis=axis, keepdims=True, initial=0)
-  divisor = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-  norm = divisor * jnp.sqrt(
-    jnp.sum(_squares(x, acc, divisor), axis=axis, keepdims=True)
-  )
+  down1, down2, up1, up2 = _pow2_factors(m)
+  scaled = jnp.sqrt(jnp.sum(_squares(x, acc, (down1, down2)), axis=axis, keepdims=True))
+  norm = scaled * up1 * up2
   norm = jnp.where(jnp.isposinf(m), m, norm)
   if axis is None:
     return norm.reshape(())
@@ -105,9 +126,9 @@ def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
   """sqrt(sum(n**2)) over a sequence of same-shape norms, without overflow."""
   stacked = jnp.stack(norms)
   m = jnp.max(stacked, axis=0)
-  divisor = jnp.where((m > 0) & jnp.isfinite(m), m, jnp.ones_like(m))
-  norm = divisor * jnp.sqrt(jnp.sum(jnp.square(stacked / divisor), axis=0))
-  return jnp.where(jnp.isposinf(m), m, norm)
+  down1, down2, up1, up2 = _pow2_factors(m)
+  scaled = jnp.sqrt(jnp.sum(jnp.square(stacked * down1 * down2), axis=0))
+  return jnp.where(jnp.isposinf(m), m, scaled * up1 * up2)
 
 
 def block_norms(

@@ -117,4 +117,5 @@ def compressed_mean(
     exchange=lambda c: _exchange.leaf_exchange(c, axis_name, exchange),
     dense_bytes=_exchange.dense_bytes(axis_name),
     check=lambda: _exchange.axis_size(call, axis_name),
+    agree=_exchange.all_finite(axis_name),
   )

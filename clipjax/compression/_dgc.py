@@ -141,6 +141,7 @@ def dgc(
       "exchange": lambda c: _exchange.leaf_exchange(c, axis_name, "all_gather"),
       "dense_bytes": _exchange.dense_bytes(axis_name),
       "check": lambda: _exchange.axis_size(call, axis_name),
+      "agree": _exchange.all_finite(axis_name),
     }
   core = staged_transform(
     call,

@@ -192,3 +192,12 @@ def dense_bytes(axis_name: Any) -> Callable[[list[jax.Array]], int]:
     return sum(exchange_bytes(_DENSE, x.shape, jnp.float32, n, "psum") for x in leaves)
 
   return count
+
+
+def all_finite(axis_name: Any) -> Callable[[jax.Array], jax.Array]:
+  """``finite`` on every device: a step is skipped everywhere or nowhere."""
+
+  def agree(finite: jax.Array) -> jax.Array:
+    return lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+
+  return agree

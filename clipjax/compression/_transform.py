@@ -120,6 +120,14 @@ def _up_to(treedef: Any, tree: Any) -> list[Any]:
   return treedef.flatten_up_to(tree)
 
 
+def _keep_if(ok: jax.Array, new: list[Any], old: list[Any]) -> list[Any]:
+  """``new`` where ``ok``, else ``old``, leaf by leaf."""
+  return [
+    jax.tree.map(lambda n, o: jnp.where(ok, n, o), a, b)
+    for a, b in zip(new, old, strict=True)
+  ]
+
+
 def _zero_stats(name: str) -> CompressionStats:
   z = jnp.zeros((), jnp.float32)
   return CompressionStats(z, z, z, z, z, z, name)
@@ -195,6 +203,7 @@ def staged_transform(
   exchange: Callable[[Compressor], Exchange] | None = None,
   dense_bytes: Callable[[list[jax.Array]], float] | None = None,
   check: Callable[[], Any] | None = None,
+  agree: Callable[[jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformation:
   """The transformation behind :func:`compress`, :func:`dgc` and
   ``clipjax.distributed.compressed_mean``.
@@ -205,8 +214,13 @@ def staged_transform(
   (``exchange(compressor)`` is :func:`_run_stage`'s) makes it a multi-worker
   transformation: feedback then
   keeps what EF21 shares between workers, ``dense_bytes(leaves)`` gives the
-  bytes the uncompressed exchange would move, and ``check()`` runs first in
-  every update (to raise a clear error outside the right context).
+  bytes the uncompressed exchange would move, ``check()`` runs first in
+  every update (to raise a clear error outside the right context), and
+  ``agree(finite)`` makes every worker skip a step that any worker must skip.
+
+  A step whose gradient or decoded update is not finite is skipped: the update
+  is zeros and the compressor and feedback states are kept as they were (the
+  step counter still advances).
   """
   base_key = key_data(call, key)
 
@@ -250,6 +264,7 @@ def staged_transform(
 
       return run
 
+    old_c, old_f = cstates, fstates
     if stage_of is None or len(stages) == 1:
       outs, cstates, fstates, missing, sent = branch(stages[0])(cstates, fstates)
     else:
@@ -257,6 +272,18 @@ def staged_transform(
       outs, cstates, fstates, missing, sent = jax.lax.switch(
         index, [branch(c) for c in stages], cstates, fstates
       )
+    # A non-finite gradient (or decoded update) must not reach the residuals,
+    # estimates or factors, where it would stay for good: the step is skipped.
+    finite = jnp.all(
+      jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in [*leaves, *outs]] or [jnp.array(True)]
+      )
+    )
+    if agree is not None:
+      finite = agree(finite)
+    outs = [jnp.where(finite, o, jnp.zeros_like(o)) for o in outs]
+    cstates = _keep_if(finite, cstates, old_c)
+    fstates = _keep_if(finite, fstates, old_f)
     total = sum(int(g.size) for g in leaves)
     if dense_bytes is None:
       dense = float(sum(int(g.size) * g.dtype.itemsize for g in leaves))
