@@ -97,6 +97,11 @@ for _c, (_make_c, _stoch) in COMPRESSORS.items():
     )
 
 NAMES = list(TRANSFORMS)
+# The costlier checks take every compressor once (with error feedback); the
+# other feedbacks share its code path there, and all of them meet the NaN check.
+CORE = [
+  n for n in NAMES if TRANSFORMS[n].kind != COMPRESS or n.endswith("error_feedback]")
+]
 
 BADS = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 
@@ -223,7 +228,7 @@ def pytrees(draw):
 
 
 GAUNTLET = settings(
-  max_examples=3,
+  max_examples=2,
   deadline=None,
   derandomize=True,
   database=None,
@@ -254,8 +259,8 @@ def test_jit_equals_no_jit(name, tree):
 
 
 # Eager compression costs ~0.2 s a step on CPU: fewer examples per combination.
-@pytest.mark.parametrize("name", [n for n in NAMES if TRANSFORMS[n].kind == COMPRESS])
-@settings(GAUNTLET, max_examples=2)
+@pytest.mark.parametrize("name", [n for n in CORE if TRANSFORMS[n].kind == COMPRESS])
+@settings(GAUNTLET, max_examples=1)
 @given(tree=pytrees())
 def test_jit_equals_no_jit_compression(name, tree):
   _jit_equals_no_jit(name, tree)
@@ -264,7 +269,7 @@ def test_jit_equals_no_jit_compression(name, tree):
 # --- vmap over a leading axis equals a loop ---------------------------------------
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CORE)
 def test_vmap_equals_loop(name):
   tx = _tx(name)
   n = 3
@@ -303,7 +308,7 @@ def _check_dtypes(name, grads):
   assert _all_finite(_carried(state2))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CORE)
 def test_dtypes_kept(name):
   # One tree mixing float16, bfloat16 and float32 leaves: each keeps its dtype.
   g = _grads()
@@ -315,7 +320,7 @@ def test_dtypes_kept(name):
   _check_dtypes(name, grads)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CORE)
 def test_float64_kept_under_enable_x64(name):
   # jax_enable_x64 is off for the suite; the context manager turns it on for
   # this test only (jit caches are keyed on it), so no subprocess is needed.
@@ -336,7 +341,7 @@ def test_empty_tree(name):
   assert u == {}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CORE)
 def test_none_leaves(name):
   tx = _tx(name)
   grads = {**_grads(), "frozen": None, "nested": [None, jnp.ones((3,))]}
