@@ -416,17 +416,15 @@ def _vmap_grads(
   )
 
 
-def _rows(mask: jax.Array, x: jax.Array, axis: int = 0) -> jax.Array:
-  return _ghost.expand_rows(mask, x, axis)
-
-
 def _weighted_sum(
   c: jax.Array, keep: jax.Array, per_example: jax.Array, like: Any
 ) -> jax.Array:
   """``sum_b c_b g_b`` over the kept examples, in ``like``'s dtype."""
   acc = _norms.accumulation_dtype(per_example.dtype)
   kept = jnp.where(
-    _rows(keep, per_example), per_example, jnp.zeros((), per_example.dtype)
+    _ghost.expand_rows(keep, per_example, 0),
+    per_example,
+    jnp.zeros((), per_example.dtype),
   )
   return jnp.tensordot(c.astype(acc), kept.astype(acc), axes=1).astype(like.dtype)
 
@@ -520,12 +518,14 @@ def _ghost_parts(
       g = out_grads[key]
       acc = _norms.accumulation_dtype(g.dtype)
       k = tap.batch_axis
-      weighted = g.astype(acc) * _rows(c[tap.leaf].astype(acc), g, k)
-      weighted = jnp.where(_rows(keep, g, k), weighted, jnp.zeros((), acc))
+      weighted = g.astype(acc) * _ghost.expand_rows(c[tap.leaf].astype(acc), g, k)
+      weighted = jnp.where(_ghost.expand_rows(keep, g, k), weighted, jnp.zeros((), acc))
       rec = records[key]
       if tap.kind == "dense":
         rec = jnp.where(
-          _rows(keep, rec, tap.act_batch_axis), rec, jnp.zeros((), rec.dtype)
+          _ghost.expand_rows(keep, rec, tap.act_batch_axis),
+          rec,
+          jnp.zeros((), rec.dtype),
         )
       v_aval = tap.eqn.invars[key[-1]].aval
       gv = _ghost.weighted_transpose(tap, rec, weighted, v_aval)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from clipjax.compression._base import Compressor, check_choice, wire
+from clipjax.compression._base import Compressor, check_choice, compute_dtype, wire
 from clipjax.compression._compressors import cast
 
 try:  # public in later JAX releases, private (and stable) in 0.7-0.10
@@ -115,7 +115,9 @@ def leaf_exchange(
     gathered = _gather(payload, axis_name)
     keys = _worker_keys(compressor, key, axis_name, n)
     decoded = jax.vmap(
-      lambda p, k: compressor.decode(p, x.shape, x.dtype, cs, k).astype(_acc(x.dtype))
+      lambda p, k: compressor.decode(p, x.shape, x.dtype, cs, k).astype(
+        compute_dtype(x.dtype)
+      )
     )(gathered, keys)
     return local_hat, jnp.mean(decoded, axis=0).astype(x.dtype), cs, sent
 
@@ -130,10 +132,6 @@ def _gather(x: Any, axis_name: Any) -> Any:
   plain ``all_gather`` would type it as varying.
   """
   return jax.tree.map(lambda p: _all_gather_invariant(p, axis_name), x)
-
-
-def _acc(dtype: Any) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _worker_keys(
@@ -173,7 +171,7 @@ def _reduce_scatter(
   )
   me = lax.axis_index(axis_name)
   their_keys = lax.all_to_all(keys, axis_name, 0, 0, tiled=False)
-  decoded = jax.vmap(decode)(received, their_keys).astype(_acc(x.dtype))
+  decoded = jax.vmap(decode)(received, their_keys).astype(compute_dtype(x.dtype))
   mean_chunk = jnp.mean(decoded, axis=0).astype(x.dtype)
   second_key = jax.random.fold_in(jax.random.fold_in(key, n), me)
   second = wire(compressor.encode(mean_chunk, cs, second_key)[0])

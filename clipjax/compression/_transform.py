@@ -48,19 +48,6 @@ class CompressionStats:
   name: str = "compress"
 
 
-jax.tree_util.register_dataclass(
-  CompressionStats,
-  data_fields=[
-    "bytes_sent",
-    "bytes_received",
-    "dense_bytes",
-    "ratio",
-    "density",
-    "residual_norm",
-  ],
-  meta_fields=["name"],
-)
-
 _FIELDS = (
   "bytes_sent",
   "bytes_received",
@@ -68,6 +55,10 @@ _FIELDS = (
   "ratio",
   "density",
   "residual_norm",
+)
+
+jax.tree_util.register_dataclass(
+  CompressionStats, data_fields=list(_FIELDS), meta_fields=["name"]
 )
 
 
@@ -105,14 +96,15 @@ def key_data(call: str, key: Any) -> jax.Array:
 
 
 def _check_leaves(call: str, tree: Any) -> None:
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      where = jax.tree_util.keystr(path) or "the update"
-      raise TypeError(
-        f"{call}: leaf {where} has dtype {dtype}; compression needs floating-point"
-        " updates (mask integer leaves out with optax.masked)."
-      )
+  _norms.check_float_leaves(
+    call,
+    tree,
+    real=True,
+    why=(
+      "compression needs floating-point updates (mask integer leaves out with"
+      " optax.masked)"
+    ),
+  )
 
 
 def _up_to(treedef: Any, tree: Any) -> list[Any]:
