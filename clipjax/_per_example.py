@@ -387,15 +387,39 @@ def _abstract(xs: Sequence[Any], batch_size: int | None = None) -> list[Any]:
   return out
 
 
-def _trace_pair(
-  flat: Callable[..., Any], leaves: list[Any], batch_leaves: list[Any], b: int
-):
-  """The jaxprs of the loss at batch sizes ``b`` and ``b + 1``, and its outputs."""
-  closed1, out_shape = jax.make_jaxpr(flat, return_shape=True)(
+class _Traced(NamedTuple):
+  """``loss_fn`` flattened and traced at the batch size ``b`` (and ``b + 1``)."""
+
+  flat: Callable[..., Any]
+  batch_leaves: list[Any]
+  b: int
+  closed: Any
+  closed2: Any  # at b + 1, to tell batch dimensions apart; None if not wanted
+  out_shape: Any
+
+
+def _trace(
+  call: str,
+  loss_fn: Callable[..., Any],
+  leaves: list[Any],
+  params_def: Any,
+  batch: Sequence[Any],
+  has_aux: bool,
+  *,
+  second: bool,
+) -> _Traced:
+  """Traces the loss, checks its per-example shape, and traces it at ``b + 1``."""
+  batch_leaves, batch_def = jax.tree.flatten(tuple(batch))
+  b = _batch_size(call, batch)
+  flat = _flat_loss(call, loss_fn, params_def, len(leaves), batch_def, has_aux)
+  closed, out_shape = jax.make_jaxpr(flat, return_shape=True)(
     *_abstract(leaves), *_abstract(batch_leaves)
   )
-  closed2 = jax.make_jaxpr(flat)(*_abstract(leaves), *_abstract(batch_leaves, b + 1))
-  return closed1, closed2, out_shape
+  _check_losses(call, out_shape[0], b)
+  closed2 = None
+  if second:
+    closed2 = jax.make_jaxpr(flat)(*_abstract(leaves), *_abstract(batch_leaves, b + 1))
+  return _Traced(flat, batch_leaves, b, closed, closed2, out_shape)
 
 
 def _vmap_grads(
@@ -556,23 +580,21 @@ def _parts(
   method: str,
   has_aux: bool,
 ) -> _Parts:
-  batch_leaves, batch_def = jax.tree.flatten(tuple(batch))
-  b = _batch_size(call, batch)
-  flat = _flat_loss(call, loss_fn, params_def, len(leaves), batch_def, has_aux)
-  closed, closed2, out_shape = _trace_pair(flat, leaves, batch_leaves, b)
-  _check_losses(call, out_shape[0], b)
+  t = _trace(call, loss_fn, leaves, params_def, batch, has_aux, second=method != "vmap")
   if method == "vmap":
-    return _vmap_parts(flat, leaves, batch_leaves, has_aux)
+    return _vmap_parts(t.flat, leaves, t.batch_leaves, has_aux)
   try:
-    analysis = _ghost.analyze(closed, closed2, len(leaves))
+    analysis = _ghost.analyze(t.closed, t.closed2, len(leaves))
   except _ghost.StructureError as e:
     if method == "auto":
-      return _vmap_parts(flat, leaves, batch_leaves, has_aux)
+      return _vmap_parts(t.flat, leaves, t.batch_leaves, has_aux)
     raise ValueError(
       f"{call}(method='ghost'): loss_fn traces to different programs at batch"
-      f" sizes {b} and {b + 1} ({e}); use method='vmap' or 'auto'."
+      f" sizes {t.b} and {t.b + 1} ({e}); use method='vmap' or 'auto'."
     ) from e
-  return _ghost_parts(call, flat, leaves, batch_leaves, b, analysis, closed, out_shape)
+  return _ghost_parts(
+    call, t.flat, leaves, t.batch_leaves, t.b, analysis, t.closed, t.out_shape
+  )
 
 
 def _clipped_grad(
@@ -652,11 +674,7 @@ def _plan(
   has_aux: bool,
 ) -> dict[str, str]:
   leaves, params_def = _check_params(call, params)
-  batch_leaves, batch_def = jax.tree.flatten(tuple(batch))
-  b = _batch_size(call, batch)
-  flat = _flat_loss(call, loss_fn, params_def, len(leaves), batch_def, has_aux)
-  closed, closed2, out_shape = _trace_pair(flat, leaves, batch_leaves, b)
-  _check_losses(call, out_shape[0], b)
-  analysis = _ghost.analyze(closed, closed2, len(leaves))
+  t = _trace(call, loss_fn, leaves, params_def, batch, has_aux, second=True)
+  analysis = _ghost.analyze(t.closed, t.closed2, len(leaves))
   names = _ghost.leaf_names(params)
   return _ghost.describe(analysis, names, [tuple(jnp.shape(x)) for x in leaves])
