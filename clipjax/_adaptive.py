@@ -96,6 +96,14 @@ def _count(finite: jax.Array) -> jax.Array:
 class AutoClipState(NamedTuple):
   """AutoClip's window of past global norms.
 
+  Attributes:
+    history: shape ``(window,)``, float32: a ring buffer of the last
+      ``window`` finite global norms (zeros in the slots not yet written).
+    seen: shape ``()``, int32: the finite norms recorded so far; the next one
+      goes to slot ``seen % window``.
+    stats: the last update's :class:`ClipStats` (zeros before the first), with
+      ``extra["nonfinite_steps"]``.
+
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> clipjax.autoclip(window=100).init(jnp.zeros(3)).history.shape
@@ -139,7 +147,10 @@ def autoclip(
   Args:
     percentile: in ``[0, 100]``; the paper recommends 10.
     window: how many past norms to keep (static).
-    nonfinite: what a step with a non-finite norm gets (see the module doc).
+    nonfinite: the update of a step whose global norm is NaN or infinite:
+      ``"zero"`` emits zeros, ``"propagate"`` passes it through unchanged (for a
+      later guard such as ``optax.apply_if_finite``). Either way the history is
+      left untouched and the step counted in ``extra["nonfinite_steps"]``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`AutoClipState`.
@@ -199,6 +210,15 @@ def _scalar_stats(name: str, extra: dict[str, Any]) -> ClipStats:
 class ZClipState(NamedTuple):
   """ZClip's running mean and variance of the global norm.
 
+  Attributes:
+    seen: shape ``()``, int32: the finite norms seen so far (warm-up while
+      below ``warmup_steps``).
+    mean: shape ``()``, float32: the mean of the norms, exact during warm-up,
+      then an EMA of the clipped norms.
+    var: shape ``()``, float32: their variance, computed likewise.
+    stats: the last update's :class:`ClipStats` (zeros before the first); its
+      ``extra`` holds ``mean``, ``std``, ``z`` and ``nonfinite_steps``.
+
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> state = clipjax.zclip().init(jnp.zeros(3))
@@ -246,7 +266,10 @@ def zclip(
     mode: ``"adaptive_scaling"`` or ``"mean"``.
     max_norm: an optional fixed ceiling on the global norm.
     eps: added to ``sigma`` in the z-score.
-    nonfinite: what a step with a non-finite norm gets (see the module doc).
+    nonfinite: the update of a step whose global norm is NaN or infinite:
+      ``"zero"`` emits zeros, ``"propagate"`` passes it through unchanged (for a
+      later guard such as ``optax.apply_if_finite``). Either way the history is
+      left untouched and the step counted in ``extra["nonfinite_steps"]``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ZClipState`; its
@@ -332,6 +355,14 @@ def zclip(
 class AdaGCState(NamedTuple):
   """AdaGC's per-tensor EMA of clipped norms.
 
+  Attributes:
+    seen: shape ``()``, int32: the finite steps seen so far.
+    gamma: a tree like the params holding one float32 scalar per tensor: the
+      smallest clipped norm during warm-up, then an EMA of the clipped norms
+      (0 while a tensor has had no nonzero gradient).
+    stats: the last update's :class:`ClipStats` (zeros before the first): a
+      norm, scale and bound per tensor, and ``extra["nonfinite_steps"]``.
+
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> clipjax.adagc().init({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}).gamma
@@ -366,7 +397,10 @@ def adagc(
     beta: EMA factor in ``[0, 1)``.
     warmup_steps: length of the warm-up (>= 1).
     warmup_max_norm: the global bound during warm-up (``lambda_abs``).
-    nonfinite: what a step with a non-finite norm gets (see the module doc).
+    nonfinite: the update of a step whose global norm is NaN or infinite:
+      ``"zero"`` emits zeros, ``"propagate"`` passes it through unchanged (for a
+      later guard such as ``optax.apply_if_finite``). Either way the history is
+      left untouched and the step counted in ``extra["nonfinite_steps"]``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`AdaGCState`; its
@@ -444,6 +478,11 @@ def adagc(
 class QuantileClipState(NamedTuple):
   """The bound learned by geometric quantile updates.
 
+  Attributes:
+    max_norm: shape ``()``, float32: the bound the next update is clipped to.
+    stats: the last update's :class:`ClipStats` (zeros before the first); its
+      ``extra`` holds ``unclipped_fraction`` and ``nonfinite_steps``.
+
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> clipjax.quantile_clip(initial_max_norm=2.0).init(jnp.zeros(3)).max_norm
@@ -473,7 +512,10 @@ def quantile_clip(
     target_quantile: the fraction of tensors to leave unclipped, in ``[0, 1]``.
     learning_rate: the step size of the geometric update (>= 0).
     initial_max_norm: the first bound (> 0).
-    nonfinite: what a step with a non-finite norm gets (see the module doc).
+    nonfinite: the update of a step whose global norm is NaN or infinite:
+      ``"zero"`` emits zeros, ``"propagate"`` passes it through unchanged (for a
+      later guard such as ``optax.apply_if_finite``). Either way the history is
+      left untouched and the step counted in ``extra["nonfinite_steps"]``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`QuantileClipState`.
@@ -601,6 +643,14 @@ def clippy(
 class SpamClipState(NamedTuple):
   """SPAM's running second moment of each coordinate.
 
+  Attributes:
+    seen: shape ``()``, int32: the finite steps seen so far (clipping starts
+      at step ``warmup_steps``).
+    nu: a tree like the params, float32: the EMA of the clipped ``g**2``,
+      coordinate by coordinate (not bias-corrected).
+    stats: the last update's :class:`ClipStats` (zeros before the first), with
+      ``extra["nonfinite_steps"]``.
+
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> clipjax.spam_clip().init({"w": jnp.zeros((2, 3))}).nu["w"].shape
@@ -633,7 +683,10 @@ def spam_clip(
     threshold: the spike threshold ``theta`` (> 0).
     beta2: the second-moment EMA factor in ``[0, 1)``, Adam's ``b2``.
     warmup_steps: the first step that may clip (>= 1).
-    nonfinite: what a step with a non-finite norm gets (see the module doc).
+    nonfinite: the update of a step whose global norm is NaN or infinite:
+      ``"zero"`` emits zeros, ``"propagate"`` passes it through unchanged (for a
+      later guard such as ``optax.apply_if_finite``). Either way the history is
+      left untouched and the step counted in ``extra["nonfinite_steps"]``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`SpamClipState`;
@@ -700,6 +753,13 @@ def spam_clip(
 
 class SkipAndClipState(NamedTuple):
   """The wrapped optimizer's state and the guard's statistics.
+
+  Attributes:
+    inner_state: the state of the wrapped ``inner`` transformation
+      (``optax.EmptyState()`` without one), left as it was on skipped steps.
+    stats: the last update's :class:`ClipStats` (zeros before the first); its
+      ``extra`` holds ``skipped`` (this step, 0 or 1) and ``skipped_steps``
+      (so far).
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipjax

@@ -380,6 +380,10 @@ def unitwise_norm(x: jax.typing.ArrayLike, axis: _norms.Axes = None) -> jax.Arra
     >>> print(clipjax.unitwise_norm(jnp.array([[3.0, 0.0], [4.0, 1.0]])))
     [[5. 1.]
      [5. 1.]]
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
   """
   x = jnp.asarray(x)
   axes = _norms.unit_axes(x, axis)
@@ -399,12 +403,29 @@ def unitwise_clip(
   one shape, and ``div_eps`` keeps the division finite. The result has
   ``grad``'s dtype.
 
+  Args:
+    g_norm: each element's unit norm, as :func:`unitwise_norm` gives it.
+    max_norm: each element's bound, of the same shape.
+    grad: the array to clip.
+    div_eps: the smallest ``g_norm`` divided by.
+
+  Returns:
+    ``grad`` with each element scaled by ``max_norm / max(g_norm, div_eps)``
+    where ``g_norm >= max_norm``, and unchanged elsewhere.
+
+  Raises:
+    ValueError: if the three arrays do not have one shape.
+
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> g = jnp.array([3.0, 4.0])
     >>> n = clipjax.unitwise_norm(g)
     >>> print(clipjax.unitwise_clip(n, jnp.full_like(n, 1.0), g))
     [0.6 0.8]
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
   """
   g_norm, max_norm, grad = map(jnp.asarray, (g_norm, max_norm, grad))
   if not g_norm.shape == max_norm.shape == grad.shape:

@@ -29,6 +29,17 @@ class PerExampleClipInfo:
 
   A pytree (so it can leave ``jax.jit``) whose ``vmapped`` field is static.
 
+  Attributes:
+    norms: shape ``(B,)``, float32: each example's norm before clipping, NaN or
+      inf for a dropped example; a pytree of them, with the bounds' structure,
+      for per-group bounds.
+    num_nonfinite: shape ``()``, int32: the examples dropped because their
+      gradient was not finite.
+    vmapped: the parameters, as ``jax.tree_util.keystr`` paths, whose
+      per-example gradients ``jax.vmap`` formed in
+      :func:`per_example_clipped_grad` (static; empty for
+      :func:`per_example_global_norm_clip`).
+
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> g = {"w": jnp.array([[3.0, 4.0], [jnp.inf, 0.0]])}
@@ -249,7 +260,7 @@ def per_example_clipped_grad(
 
   Works on plain pytrees of parameters and on Flax NNX modules: given an
   ``nnx.Module``, ``loss_fn`` receives the module and ``grads`` is the
-  ``nnx.State`` of its ``nnx.Param``\ s, as ``nnx.grad`` would return.
+  ``nnx.State`` of its ``nnx.Param`` variables, as ``nnx.grad`` would return.
 
   An example whose gradient is not finite is dropped (it adds zero); its norm
   is reported as NaN or inf, and ``return_info=True`` counts them.

@@ -12,10 +12,10 @@ device ends with the same decoded mean:
   every payload and decodes each; ``N-1`` payloads per device;
 - ``"reduce_scatter"``: each device cuts its vector into ``N`` chunks,
   compresses them, and an ``all_to_all`` hands chunk ``j`` of every device to
-  device ``j``, which decodes and averages them, compresses that mean chunk
-  again and ``all_gather``\\ s it: ``2 (N-1)/N`` full payloads per device, a
-  factor ``N/2`` fewer bytes than ``"all_gather"``, for a second compression
-  of the mean (not fed back).
+  device ``j``, which decodes and averages them and compresses that mean chunk
+  again, and an ``all_gather`` hands it to every device: ``2 (N-1)/N`` full
+  payloads per device, a factor ``N/2`` fewer bytes than ``"all_gather"``, for
+  a second compression of the mean (not fed back).
 
 The exchange is JAX's own collectives over the mesh, so the same code runs on
 the devices of one process and across processes started with

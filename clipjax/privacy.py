@@ -433,6 +433,21 @@ def adaptive_clip_init(
 
   Returns:
     An :class:`AdaptiveClipState`.
+
+  Examples:
+    >>> import jax
+    >>> from clipjax import privacy
+    >>> state = privacy.adaptive_clip_init(0.5, jax.random.key(1))
+    >>> print(state.clip, state.clip.dtype)
+    0.5 float32
+    >>> privacy.adaptive_clip_init(0.0, jax.random.key(1))
+    Traceback (most recent call last):
+    ...
+    ValueError: adaptive_clip_init(initial_clip=0.0) must be a finite positive number.
+
+  References:
+    Andrew et al., `Differentially Private Learning with Adaptive Clipping
+    <https://arxiv.org/abs/1905.03871>`_, 2021.
   """
   call = "adaptive_clip_init"
   check_bound(call, "initial_clip", initial_clip, positive=True)

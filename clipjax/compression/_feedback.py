@@ -32,6 +32,22 @@ class Feedback:
     finish: ``finish(g, state, local_hat, mean_hat) -> (update, state, missing)``:
       ``missing`` is what the receiver has not yet got (the residual carried to
       the next step, or the estimate's error), for statistics.
+
+  Examples:
+    One leaf's pass through :func:`compress` on one process, where this
+    worker's decoded contribution is also the decoded mean:
+
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> fb, c = compression.error_feedback(), compression.top_k(0.5)
+    >>> g = jnp.array([1.0, -4.0, 2.0, 3.0])
+    >>> state = fb.init(g, False)
+    >>> x = fb.prepare(g, state)
+    >>> payload, cstate = c.encode(x, c.init(x.shape, x.dtype), None)
+    >>> x_hat = c.decode(payload, x.shape, x.dtype, cstate, None)
+    >>> update, state, missing = fb.finish(g, state, x_hat, x_hat)
+    >>> print(fb.name, update, state)
+    error_feedback [ 0. -4.  0.  3.] [1. 0. 2. 0.]
   """
 
   name: str
@@ -51,7 +67,22 @@ def _wide(x: jax.Array) -> jax.Array:
 
 
 def no_feedback() -> Feedback:
-  """The update is the decoded estimate; nothing is kept."""
+  """The update is the decoded estimate; nothing is kept.
+
+  Returns:
+    A :class:`Feedback` with state ``()``; what the compressor drops is lost.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> fb, c = compression.no_feedback(), compression.top_k(0.5)
+    >>> g = jnp.array([1.0, -4.0, 2.0, 3.0])
+    >>> state = fb.init(g, False)
+    >>> g_hat, _, _ = c.roundtrip(fb.prepare(g, state), (), None)  # top-k: no state
+    >>> update, state, missing = fb.finish(g, state, g_hat, g_hat)
+    >>> print(update, state, missing)  # the same entries are dropped every step
+    [ 0. -4.  0.  3.] () [1. 0. 2. 0.]
+  """
 
   def init(leaf, distributed):
     del leaf, distributed
@@ -74,6 +105,26 @@ def error_feedback() -> Feedback:
   ``a_hat + e == a`` holds bitwise whenever ``a_hat`` is 0 or within a factor 2
   of ``a`` elementwise (sparsifiers, casts, natural compression; Sterbenz's
   lemma), and to half an ulp of ``e`` otherwise.
+
+  Returns:
+    A :class:`Feedback` whose state is the residual ``e``, zeros at first.
+
+  Examples:
+    Nothing is lost: what is sent plus the new residual is the gradient plus
+    the old residual, and a dropped entry goes out once it has grown.
+
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> fb, c = compression.error_feedback(), compression.top_k(0.5)
+    >>> g = jnp.array([1.0, -4.0, 2.0, 3.0])
+    >>> e = fb.init(g, False)
+    >>> for _ in range(2):
+    ...   a_hat, _, _ = c.roundtrip(fb.prepare(g, e), (), None)  # C(g + e)
+    ...   update, new_e, _ = fb.finish(g, e, a_hat, a_hat)
+    ...   print(update, new_e, bool(jnp.all(update + new_e == g + e)))
+    ...   e = new_e
+    [ 0. -4.  0.  3.] [1. 0. 2. 0.] True
+    [ 0. -4.  4.  0.] [2. 0. 0. 3.] True
 
   References:
     Seide et al., 1-bit stochastic gradient descent and its application to
@@ -106,6 +157,26 @@ def ef21() -> Feedback:
   update is the shared estimate plus the mean of the ``c``. On one process the
   shared estimate is ``h`` itself, so the state is ``h`` alone; with
   ``distributed=True`` it is ``{"estimate": h, "shared": h_shared}``.
+
+  Returns:
+    A :class:`Feedback` whose state is ``{"estimate": h}``, zeros at first.
+
+  Examples:
+    A constant gradient: the estimate reaches it once its error fits in what
+    one step sends, and from then on nothing more needs sending.
+
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> fb, c = compression.ef21(), compression.top_k(0.5)
+    >>> g = jnp.array([1.0, -4.0, 2.0, 3.0])
+    >>> state = fb.init(g, False)
+    >>> for _ in range(3):
+    ...   sent, _, _ = c.roundtrip(fb.prepare(g, state), (), None)  # C(g - h)
+    ...   update, state, _ = fb.finish(g, state, sent, sent)
+    ...   print(sent, update)
+    [ 0. -4.  0.  3.] [ 0. -4.  0.  3.]
+    [1. 0. 2. 0.] [ 1. -4.  2.  3.]
+    [0. 0. 0. 0.] [ 1. -4.  2.  3.]
 
   References:
     Richtarik, Sokolov and Fatkhullin, `EF21: a new, simpler, theoretically
@@ -140,6 +211,28 @@ def dgc_momentum(momentum: float) -> Feedback:
   residual and both ``u`` and ``v`` are zeroed where this worker sent something
   (``local_hat != 0``). The momentum is thus inside the update: follow it with
   plain SGD.
+
+  Args:
+    momentum: the momentum factor, in [0, 1).
+
+  Returns:
+    A :class:`Feedback` whose state is ``(u, v)``, zeros at first.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> fb, c = compression.dgc_momentum(0.5), compression.top_k(0.25)
+    >>> g = jnp.array([1.0, 0.5, -0.25, 2.0])
+    >>> state = fb.init(g, False)
+    >>> for _ in range(2):
+    ...   v = fb.prepare(g, state)  # u = 0.5 u + g; v + u
+    ...   v_hat, _, _ = c.roundtrip(v, (), None)
+    ...   update, state, _ = fb.finish(g, state, v_hat, v_hat)
+    ...   print(v, update)
+    [ 1.    0.5  -0.25  2.  ] [0. 0. 0. 2.]
+    [ 2.5    1.25  -0.625  2.   ] [2.5 0.  0.  0. ]
+    >>> print(*state)  # u and v are zeroed where something was sent
+    [ 0.     0.75  -0.375  2.   ] [ 0.     1.25  -0.625  2.   ]
 
   References:
     Lin et al., `Deep gradient compression <https://arxiv.org/abs/1712.01887>`_,

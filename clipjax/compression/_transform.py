@@ -37,6 +37,16 @@ class CompressionStats:
       residual carried to the next step (error feedback, DGC), the gradient
       minus the new estimate (EF21), or minus the update (no feedback).
     name: the compressor's name (static).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> tx = compression.compress(compression.sign())
+    >>> g = {"w": jnp.linspace(-1.0, 2.0, 16)}  # 64 bytes of float32
+    >>> _, state = tx.update(g, tx.init(g))
+    >>> s = state.stats  # 2 bytes of packed signs and a float32 scale
+    >>> print(s.name, s.bytes_sent, s.dense_bytes, s.ratio, s.density)
+    sign 6.0 64.0 10.666667 1.0
   """
 
   bytes_sent: jax.Array
@@ -63,12 +73,37 @@ jax.tree_util.register_dataclass(
 
 
 class CompressState(NamedTuple):
-  """State of :func:`compress` and :func:`dgc`."""
+  """State of :func:`compress` and :func:`dgc`.
 
-  step: jax.Array  # shape=(), int32: updates so far; folded into the key
-  key: jax.Array  # uint32 key data: the base key
-  compressor: Any  # per-leaf compressor states, a tree like the updates
-  feedback: Any  # per-leaf feedback states, a tree like the updates
+  Attributes:
+    step: shape ``()``, int32: the updates so far. Step ``t`` folds ``t`` into
+      ``key``, then each leaf's index, to give that leaf its key.
+    key: the base key as raw ``uint32`` key data (``jax.random.key_data``).
+    compressor: the per-leaf compressor states, a tree like the updates
+      (``()`` for stateless compressors; PowerSGD's ``Q``).
+    feedback: the per-leaf feedback states, a tree like the updates: the
+      residual (error feedback), the running estimate (EF21), the momentum and
+      accumulated velocity (DGC), or ``()`` without feedback. Float32 for
+      half-precision leaves.
+    stats: the :class:`CompressionStats` of the last update (zeros before).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax import compression
+    >>> tx = compression.compress(compression.top_k(0.5), key=0)
+    >>> g = {"w": jnp.array([1.0, -4.0, 2.0, 3.0])}
+    >>> state = tx.init(g)
+    >>> print(state.step, state.key, state.compressor)
+    0 [0 0] {'w': ()}
+    >>> _, state = tx.update(g, state)
+    >>> print(state.step, state.feedback["w"])  # what top-k left behind
+    1 [1. 0. 2. 0.]
+  """
+
+  step: jax.Array  # shape=(), int32
+  key: jax.Array  # uint32 key data
+  compressor: Any  # a tree like the updates
+  feedback: Any  # a tree like the updates
   stats: CompressionStats
 
 

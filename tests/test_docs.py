@@ -1,0 +1,214 @@
+"""The documentation site: it builds clean, and it documents every public name.
+
+The pages are ``docs/*.md``; each public name is rendered from its docstring by
+a ``::: clipjax.name`` directive (mkdocstrings). The examples in those
+docstrings run as doctests through pytest's ``--doctest-modules``; the checks
+here make sure each public name has one, and that pytest collects it.
+"""
+
+import doctest
+import importlib
+import inspect
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax
+import pytest
+
+import clipjax
+import clipjax.compression
+import clipjax.distributed
+import clipjax.privacy
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PUBLIC_MODULES = (clipjax, clipjax.privacy, clipjax.distributed, clipjax.compression)
+DIRECTIVE = re.compile(r"^::: (\S+)\s*$", re.MULTILINE)
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)|<img [^>]*src=\"([^\"]+)\"")
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+MAX_IMAGE_BYTES = 150_000
+
+
+def public_names() -> dict[str, Any]:
+  """``{"clipjax.privacy.dp_sgd": dp_sgd, ...}`` over the four ``__all__``."""
+  return {
+    f"{mod.__name__}.{name}": getattr(mod, name)
+    for mod in PUBLIC_MODULES
+    for name in mod.__all__
+  }
+
+
+def directives() -> list[tuple[str, str]]:
+  """``(page, dotted path)`` of every ``:::`` directive in the docs."""
+  return [
+    (page.name, m[1])
+    for page in sorted(DOCS.glob("*.md"))
+    for m in DIRECTIVE.finditer(page.read_text())
+  ]
+
+
+def lookup(path: str) -> Any:
+  """The object a dotted path names, importing its module; raises if none."""
+  parts = path.split(".")
+  for i in range(len(parts), 0, -1):
+    try:
+      obj = importlib.import_module(".".join(parts[:i]))
+    except ImportError:
+      continue
+    for attr in parts[i:]:
+      obj = getattr(obj, attr)
+    return obj
+  raise ImportError(path)
+
+
+def unique_public() -> dict[int, tuple[str, Any]]:
+  """One ``(first public name, object)`` per public object (re-exports merged)."""
+  found: dict[int, tuple[str, Any]] = {}
+  for name, obj in public_names().items():
+    found.setdefault(id(obj), (name, obj))
+  return found
+
+
+def python_blocks() -> list[tuple[str, str]]:
+  """``(page and index, code)`` of every Python code block in the pages' prose."""
+  return [
+    (f"{page.name}[{i}]", code)
+    for page in sorted(DOCS.glob("*.md"))
+    for i, code in enumerate(PYTHON_BLOCK.findall(page.read_text()))
+  ]
+
+
+def is_documented_callable(obj: Any) -> bool:
+  """Functions and classes need an example; modules and constants do not."""
+  return inspect.isfunction(obj) or inspect.isclass(obj)
+
+
+def test_mkdocs_build_is_strict_and_clean(tmp_path: Path):
+  site = tmp_path / "site"
+  run = subprocess.run(
+    [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  output = run.stdout + run.stderr
+  assert run.returncode == 0, f"mkdocs build --strict failed:\n{output}"
+  assert "WARNING" not in output, output
+  html = "".join(p.read_text() for p in site.rglob("*.html"))
+  unrendered = [path for _, path in directives() if f'id="{path}"' not in html]
+  assert not unrendered, f"directives that rendered no heading: {unrendered}"
+
+
+def test_every_directive_names_a_public_object():
+  bad, private, repeated = [], [], []
+  public_ids = {id(obj) for obj in public_names().values()}
+  seen: set[str] = set()
+  for page, path in directives():
+    if path in seen:
+      repeated.append(f"{page}: {path}")
+    seen.add(path)
+    try:
+      obj = lookup(path)
+    except (ImportError, AttributeError):
+      bad.append(f"{page}: {path}")
+      continue
+    if id(obj) not in public_ids:
+      private.append(f"{page}: {path}")
+  assert not bad, f"directives naming nothing: {bad}"
+  assert not private, f"directives naming a non-public object: {private}"
+  assert not repeated, f"directives repeated: {repeated}"
+
+
+def test_every_public_name_is_on_exactly_one_page():
+  documented: dict[int, list[str]] = {}
+  for page, path in directives():
+    try:
+      documented.setdefault(id(lookup(path)), []).append(f"{page}: {path}")
+    except (ImportError, AttributeError):
+      continue  # reported by test_every_directive_names_a_public_object
+  missing = [n for n, obj in public_names().items() if id(obj) not in documented]
+  twice = {
+    n: documented[id(obj)]
+    for n, obj in public_names().items()
+    if len(documented.get(id(obj), [])) > 1
+  }
+  assert not missing, f"public names on no docs page (add a ::: directive): {missing}"
+  assert not twice, f"public names documented more than once: {twice}"
+
+
+def test_modules_and_constants_are_described():
+  pages = {p.name: p.read_text() for p in DOCS.glob("*.md")}
+  prose = "\n".join(DIRECTIVE.sub("", text) for text in pages.values())
+  undescribed = []
+  for name, obj in unique_public().values():
+    if isinstance(obj, ModuleType):
+      if not (obj.__doc__ or "").strip():
+        undescribed.append(f"{name} (no module docstring)")
+    elif not is_documented_callable(obj) and name.rsplit(".", 1)[1] not in prose:
+      undescribed.append(f"{name} (a constant never named in the pages' prose)")
+  assert not undescribed, undescribed
+
+
+def test_public_callables_have_a_runnable_example():
+  lacking = []
+  for name, obj in unique_public().values():
+    if not is_documented_callable(obj):
+      continue
+    doc = inspect.getdoc(obj) or ""
+    section = re.search(r"^Examples:\n((?:[ \t]+.*\n?|\n)+)", doc, re.MULTILINE)
+    if section is None or ">>>" not in section[1]:
+      lacking.append(name)
+  assert not lacking, (
+    "public names whose docstring has no 'Examples:' section with a '>>>'"
+    f" doctest: {sorted(lacking)}"
+  )
+
+
+def test_examples_are_collected_by_pytest_doctest_modules():
+  config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  pytest_ini = config["tool"]["pytest"]["ini_options"]
+  assert "--doctest-modules" in pytest_ini["addopts"].split()
+  assert "clipjax" in pytest_ini["testpaths"]
+  finder = doctest.DocTestFinder()
+  uncollected = []
+  for name, obj in unique_public().values():
+    if not is_documented_callable(obj) or ">>>" not in (inspect.getdoc(obj) or ""):
+      continue
+    module = sys.modules[obj.__module__]
+    source = Path(inspect.getfile(module)).resolve()
+    tests = {t.name for t in finder.find(module) if t.examples}
+    if (ROOT / "clipjax") not in source.parents or (
+      f"{module.__name__}.{obj.__qualname__}" not in tests
+    ):
+      uncollected.append(f"{name} (defined in {module.__name__})")
+  assert not uncollected, f"examples pytest would not run: {uncollected}"
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_images_exist_and_are_small(page: str):
+  text = (DOCS / page).read_text()
+  for m in IMAGE.finditer(text):
+    src = m[1] or m[2]
+    if src.startswith(("http://", "https://")):
+      continue
+    image = DOCS / src
+    assert image.is_file(), f"{page} shows {src}, which does not exist"
+    size = image.stat().st_size
+    assert size < MAX_IMAGE_BYTES, f"{src} is {size:,} bytes (docs/make_plots.py)"
+
+
+@pytest.mark.parametrize(
+  ("where", "code"), [pytest.param(w, c, id=w) for w, c in python_blocks()]
+)
+def test_page_code_runs(where: str, code: str):
+  # As for the README: optax's own code mixes dtypes, so run with standard
+  # promotion (the suite's conftest makes it strict).
+  with jax.numpy_dtype_promotion("standard"):
+    exec(compile(code, where, "exec"), {})
