@@ -90,7 +90,10 @@ class Config:
   seed: int = 0
 
 
-QUICK = Config(d_model=32, context=32, steps=200, max_chars=200_000, val_batches=4)
+QUICK = Config(
+  d_model=16, heads=2, layers=1, context=16, steps=100, chunk=50, max_chars=50_000,
+  val_batches=2
+)
 
 
 DEFAULT_METHODS = (
