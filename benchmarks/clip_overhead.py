@@ -40,6 +40,10 @@ import clipjax
 # name -> (clipjax factory, optax factory); the bounds are the brief's.
 CLIPPERS: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
   "clip(0.1)": (lambda: clipjax.clip(0.1), lambda: optax.clip(0.1)),
+  "clip(0.1, stats=False)": (
+    lambda: clipjax.clip(0.1, stats=False),
+    lambda: optax.clip(0.1),
+  ),
   "clip_by_block_rms(0.1)": (
     lambda: clipjax.clip_by_block_rms(0.1),
     lambda: optax.clip_by_block_rms(0.1),

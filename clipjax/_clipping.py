@@ -99,19 +99,27 @@ def _clip_blocks(
   return unflatten(new), stats
 
 
-def clip(max_delta: jax.typing.ArrayLike) -> optax.GradientTransformation:
+def clip(
+  max_delta: jax.typing.ArrayLike, *, stats: bool = True
+) -> optax.GradientTransformation:
   """Clips updates element-wise, to be in ``[-max_delta, +max_delta]``.
 
   Drop-in for ``optax.clip``; its statistics treat each element as a block:
   ``norm`` is each leaf's largest ``|x|``, ``scale`` what that element was
   multiplied by, ``clipped_fraction`` the fraction of elements clipped.
 
+  The statistics cost one more read of the update, which XLA:CPU does not
+  fuse with the clipping (about 5-10% of a memory-bound ``clip`` + ``sgd``
+  step); ``stats=False`` skips them and costs what ``optax.clip`` does.
+
   Args:
     max_delta: the largest absolute value of any element; a number or a traced
       scalar.
+    stats: whether to record the statistics (keyword only).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`.
+    An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`,
+    or ``optax.EmptyState()`` with ``stats=False``.
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
@@ -119,18 +127,39 @@ def clip(max_delta: jax.typing.ArrayLike) -> optax.GradientTransformation:
     >>> u, s = tx.update({"w": jnp.array([-3.0, 0.5, 2.0])}, None)
     >>> print(u["w"], s.clipped_fraction)
     [-1.   0.5  1. ] 0.6666667
+    >>> clipjax.clip(1.0, stats=False).update({"w": jnp.array([-3.0])}, None)
+    ({'w': Array([-1.], dtype=float32)}, EmptyState())
   """
   check_bound("clip", "max_delta", max_delta)
+  if not isinstance(stats, bool):
+    raise TypeError(f"clip: stats must be True or False, got {stats!r}")
+
+  def bounds(leaves):
+    # A traced bound that is negative or NaN acts as 0, as in clip_scale.
+    delta = jnp.asarray(max_delta, jnp.float32)
+    delta = jnp.where(delta >= 0, delta, jnp.zeros_like(delta))
+    return delta, [delta.astype(x.dtype) for x in leaves]
+
+  def clipped(leaves, deltas):
+    return [jnp.clip(x, -d, d) for x, d in zip(leaves, deltas, strict=True)]
+
+  if not stats:
+
+    def update_fn(updates, state, params=None):
+      del state, params
+      _norms.check_float_leaves("clip", updates)
+      leaves, treedef = jax.tree.flatten(updates)
+      new = clipped(leaves, bounds(leaves)[1])
+      return jax.tree.unflatten(treedef, new), optax.EmptyState()
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
   def apply(updates, params):
     del params
     _norms.check_float_leaves("clip", updates)
     leaves, treedef = jax.tree.flatten(updates)
-    # A traced bound that is negative or NaN acts as 0, as in clip_scale.
-    delta = jnp.asarray(max_delta, jnp.float32)
-    delta = jnp.where(delta >= 0, delta, jnp.zeros_like(delta))
-    deltas = [delta.astype(x.dtype) for x in leaves]
-    new = [jnp.clip(x, -d, d) for x, d in zip(leaves, deltas, strict=True)]
+    delta, deltas = bounds(leaves)
+    new = clipped(leaves, deltas)
     peaks, counts = [], []
     for x, d in zip(leaves, deltas, strict=True):
       peak, count = _norms.peak_and_count(x, d)

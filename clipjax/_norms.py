@@ -180,12 +180,21 @@ def global_norm(tree: Any, *, axis_name: Any = None) -> jax.Array:
   mesh axis: ``sqrt(psum(local^2))``, computed rescaled by the largest local
   norm (``pmax``) so that it cannot overflow either.
 
+  Args:
+    tree: a pytree of arrays; an empty tree has norm 0.
+    axis_name: the mesh axis the tree is sharded over, or ``None`` for the
+      local norm.
+
+  Returns:
+    A scalar in the leaves' widest accumulation dtype: float32, or float64 if
+    a leaf is float64.
+
   Examples:
-    >>> import jax.numpy as jnp
-    >>> from clipjax._norms import global_norm
-    >>> print(global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])}))
+    >>> import jax.numpy as jnp, clipjax
+    >>> print(clipjax.global_norm({"a": jnp.array([3.0]), "b": jnp.array([4.0])}))
     5.0
-    >>> print(global_norm({"a": jnp.full((4,), 6e4, jnp.float16)}))  # f16 max is 65504
+    >>> big = {"a": jnp.full((4,), 6e4, jnp.float16)}  # float16's max is 65504
+    >>> print(clipjax.global_norm(big))
     120000.0
   """
   leaves = jax.tree.leaves(tree)
@@ -229,7 +238,13 @@ def peak_and_count(x: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array
 
   init = (jnp.zeros((), acc), jnp.zeros((), jnp.int32))
   operands = (mag.astype(acc), over.astype(jnp.int32))
-  return lax.reduce(operands, init, combine, tuple(range(x.ndim)))
+  if x.ndim < 2:
+    return lax.reduce(operands, init, combine, tuple(range(x.ndim)))
+  # Rows first, then the row results: XLA:CPU splits a reduction to a vector
+  # across its threads, but runs a reduction to a scalar on one.
+  as_rows = (operands[0].reshape(x.shape[0], -1), operands[1].reshape(x.shape[0], -1))
+  rows = lax.reduce(as_rows, init, combine, (1,))
+  return lax.reduce(rows, init, combine, (0,))
 
 
 def normalize_axes(call: str, x: jax.Array, axis: AxisSpec) -> Axes:

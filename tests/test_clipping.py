@@ -57,6 +57,19 @@ def test_same_results_as_optax(name, args, jit):
   chex.assert_trees_all_equal_dtypes(u_ours, grads)
 
 
+def test_clip_without_stats_is_optax_clip_with_an_empty_state():
+  grads = _tree(0)
+  tx = clipjax.clip(0.3, stats=False)
+  state = tx.init(grads)
+  assert state == optax.EmptyState()
+  u, new_state = jax.jit(tx.update)(grads, state)
+  chex.assert_trees_all_equal(u, optax.clip(0.3).update(grads, None)[0])
+  assert new_state == optax.EmptyState()
+  assert clipjax.clip_stats(new_state) == {}
+  with pytest.raises(TypeError, match="clip: stats must be True or False, got 1"):
+    clipjax.clip(0.3, stats=1)  # type: ignore[arg-type]
+
+
 def test_unitwise_functions_match_optax():
   for x in jax.tree.leaves(_tree(2)):
     chex.assert_trees_all_close(
