@@ -1,4 +1,5 @@
-"""Test configuration: 8 CPU devices for mesh tests, strict dtype promotion."""
+"""Test configuration for tests/ and the doctests in clipjax/: 8 CPU devices for
+mesh tests, strict dtype promotion."""
 
 import jax
 

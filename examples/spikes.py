@@ -91,8 +91,14 @@ class Config:
 
 
 QUICK = Config(
-  d_model=16, heads=2, layers=1, context=16, steps=100, chunk=50, max_chars=50_000,
-  val_batches=2
+  d_model=16,
+  heads=2,
+  layers=1,
+  context=16,
+  steps=100,
+  chunk=50,
+  max_chars=50_000,
+  val_batches=2,
 )
 
 
