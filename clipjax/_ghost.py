@@ -433,6 +433,12 @@ def dense_method(t: int, d_in: int, d_out: int) -> str:
   return "gram" if t * (d_in + d_out) <= d_in * d_out else "outer"
 
 
+# The per-example norms decide each example's clip factor (its privacy bound),
+# so their products run at full float32 precision also where the default
+# matmul precision is lower (TF32 on NVIDIA GPUs; a no-op on CPUs).
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
 def _f32(x: jax.Array) -> jax.Array:
   return x.astype(_norms.accumulation_dtype(x.dtype))
 
@@ -446,10 +452,10 @@ def dense_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
   if t == 1:
     return jnp.sum(a_r[:, 0] ** 2, axis=-1) * jnp.sum(g_r[:, 0] ** 2, axis=-1)
   if dense_method(t, d_in, d_out) == "gram":
-    ga = jnp.einsum("btd,bsd->bts", a_r, a_r)
-    gg = jnp.einsum("btd,bsd->bts", g_r, g_r)
+    ga = jnp.einsum("btd,bsd->bts", a_r, a_r, precision=_HIGHEST)
+    gg = jnp.einsum("btd,bsd->bts", g_r, g_r, precision=_HIGHEST)
     return jnp.sum(ga * gg, axis=(1, 2))
-  outer = jnp.einsum("bti,btj->bij", a_r, g_r)
+  outer = jnp.einsum("bti,btj->bij", a_r, g_r, precision=_HIGHEST)
   return jnp.sum(outer**2, axis=(1, 2))
 
 
@@ -468,7 +474,7 @@ def embedding_sq_norms(tap: Tap, idx: jax.Array, g: jax.Array) -> jax.Array:
   if ids.shape[1] == 1:
     return jnp.sum(rows[:, 0] ** 2, axis=-1)
   same = ids[:, :, None] == ids[:, None, :]
-  gram = jnp.einsum("btd,bsd->bts", rows, rows)
+  gram = jnp.einsum("btd,bsd->bts", rows, rows, precision=_HIGHEST)
   return jnp.sum(jnp.where(same, gram, jnp.zeros((), gram.dtype)), axis=(1, 2))
 
 
