@@ -24,8 +24,8 @@ from typing import Any
 SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
   "clip_overhead.py": (["--reps", "30"], []),
   "adaptive_overhead.py": (["--reps", "30"], []),
-  "compressors.py": (["--reps", "5"], []),
-  "per_example.py": (["--models", "mlp-512", "--reps", "5", "--row-seconds", "8"], []),
+  "compressors.py": (["--reps", "15"], []),
+  "per_example.py": (["--models", "mlp-512", "--reps", "15", "--row-seconds", "8"], []),
 }
 
 

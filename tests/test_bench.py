@@ -27,7 +27,7 @@ def test_bench_runs_a_script_and_writes_one_table(tmp_path):
     check=False,
   )
   assert done.returncode == 0, done.stderr[-2000:]
-  assert "[1/1] compressors.py --reps 5" in done.stdout
+  assert "[1/1] compressors.py --reps 15" in done.stdout
   table = (tmp_path / "bench.md").read_text()
   assert table in done.stdout
   assert "| compressors | top_k(0.01, sampled) encode | " in table
