@@ -238,7 +238,7 @@ def peak_and_count(x: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array
 
   init = (jnp.zeros((), acc), jnp.zeros((), jnp.int32))
   operands = (mag.astype(acc), over.astype(jnp.int32))
-  if x.ndim < 2:
+  if x.ndim < 2 or x.size == 0:
     return lax.reduce(operands, init, combine, tuple(range(x.ndim)))
   # Rows first, then the row results: XLA:CPU splits a reduction to a vector
   # across its threads, but runs a reduction to a scalar on one.

@@ -72,6 +72,17 @@ def test_clip_without_stats_is_optax_clip_with_an_empty_state():
     clipjax.clip(0.3, stats=1)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (3, 0), (2, 3, 4)])
+def test_clip_statistics_of_any_shape_including_empty(shape):
+  x = jnp.asarray(np.arange(np.prod(shape), dtype=np.float32).reshape(shape) - 5.0)
+  u, state = jax.jit(clipjax.clip(2.0).update)({"a": x}, None)
+  chex.assert_trees_all_equal(u["a"], jnp.clip(x, -2.0, 2.0))
+  peak = float(jnp.max(jnp.abs(x))) if x.size else 0.0
+  assert float(state.norm["a"]) == peak
+  expected = float(jnp.mean(jnp.abs(x) > 2.0)) if x.size else 0.0
+  np.testing.assert_allclose(float(state.clipped_fraction), expected, rtol=1e-6)
+
+
 def test_clip_without_stats_compiles_to_optax_clips_program():
   """No overhead by construction: the same optimized HLO as optax.clip + sgd."""
   params = {"a": jnp.ones((64, 32)), "b": jnp.ones((7,), jnp.bfloat16)}
