@@ -9,6 +9,7 @@ import sys
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 CLIPPERS = [
   "clip(0.1)",
+  "clip(0.1, stats=False)",
   "clip_by_block_rms(0.1)",
   "clip_by_global_norm(1.0)",
   "adaptive_grad_clip(0.1)",
