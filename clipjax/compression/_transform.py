@@ -187,31 +187,27 @@ def _run_stage(
     if exchange is not None:
       local_hat, mean_hat, cs, leaf_bytes = exchange(x, cs, key)
       sent += leaf_bytes
-      if feedback.name != "none":  # as below
-        local_hat = jax.lax.optimization_barrier(local_hat)
-      out, fs, miss = feedback.finish(g, fs, local_hat, mean_hat)
-      outs.append(out)
-      new_c.append(cs)
-      new_f.append(fs)
-      missing.append(miss)
-      continue
-    payload, cs = compressor.encode(x, cs, key)
-    claimed = compressor.payload_bytes(g.shape, g.dtype)
-    if nbytes(payload) != claimed:
-      raise ValueError(
-        f"compressor {compressor.name!r} claims {claimed} payload bytes for shape"
-        f" {g.shape} {g.dtype} but its payload holds {nbytes(payload)}."
-      )
-    sent += claimed
-    x_hat = compressor.decode(wire(payload), g.shape, g.dtype, cs, key)
+    else:
+      payload, cs = compressor.encode(x, cs, key)
+      claimed = compressor.payload_bytes(g.shape, g.dtype)
+      if nbytes(payload) != claimed:
+        raise ValueError(
+          f"compressor {compressor.name!r} claims {claimed} payload bytes for"
+          f" shape {g.shape} {g.dtype} but its payload holds {nbytes(payload)}."
+        )
+      sent += claimed
+      local_hat = compressor.decode(wire(payload), g.shape, g.dtype, cs, key)
+      mean_hat = None  # on one process, the mean is this worker's own estimate
     if feedback.name != "none":
       # Ask XLA to materialize the update before the residual is taken from it:
       # a product fused with the subtraction (an FMA, a GEMM epilogue) would make
       # the residual differ from (g + e) - update by a rounding. XLA:CPU drops
       # the barrier; there, decoders whose products are exact (qsgd's scales)
       # or absent keep the residual exact.
-      x_hat = jax.lax.optimization_barrier(x_hat)
-    out, fs, miss = feedback.finish(g, fs, x_hat, x_hat)
+      local_hat = jax.lax.optimization_barrier(local_hat)
+    if mean_hat is None:
+      mean_hat = local_hat
+    out, fs, miss = feedback.finish(g, fs, local_hat, mean_hat)
     outs.append(out)
     new_c.append(cs)
     new_f.append(fs)
