@@ -202,10 +202,16 @@ def clip_by_global_norm(
     eps: added to the norm before dividing; ``eps=1e-6`` reproduces
       ``torch.nn.utils.clip_grad_norm_``.
     axis_name: for use inside ``shard_map`` when each device holds a shard of
-      the update tree (parameters sharded over that mesh axis): the norm is
-      then the norm of the whole tree, ``sqrt(psum(local^2))``, and every
-      device applies the same scale. Under ``jax.jit`` with sharded arrays,
-      no option is needed: the norm is already global.
+      the update tree (parameters sharded over that mesh axis, as in tensor
+      parallelism): the norm is then the norm of the whole tree, as
+      :func:`global_norm` computes it (sharded leaves summed over the axis,
+      replicated leaves counted once), and every device applies the same
+      scale. A tree that is replicated everywhere raises ``ValueError``: a
+      gradient of replicated params was already summed by ``jax.grad``. In
+      data parallelism (a whole local gradient on every device) this is not
+      the option: clip the averaged gradient, after the exchange. Under
+      ``jax.jit`` with sharded arrays, no option is needed: the norm is
+      already global.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
@@ -229,7 +235,10 @@ def clip_by_global_norm(
   def apply(updates, params):
     del params
     _norms.check_float_leaves("clip_by_global_norm", updates)
-    norm = _norms.global_norm(updates, axis_name=axis_name)
+    if axis_name is None:
+      norm = _norms.global_norm(updates)
+    else:
+      norm = _norms.sharded_global_norm("clip_by_global_norm", updates, axis_name)
     scale = _norms.clip_scale(norm, max_norm, eps)
     stats = make_stats("clip_by_global_norm", norm, scale, max_norm, scale < 1)
     return _norms.scale_tree(updates, scale), stats

@@ -172,13 +172,102 @@ def block_norms(
   return jax.lax.cond(overflow, rescaled, plain)
 
 
+def mesh_axes(axis_name: Any) -> tuple[Any, ...]:
+  """``axis_name`` as a tuple of mesh axis names (one name, or a tuple/list)."""
+  if isinstance(axis_name, tuple | list):
+    return tuple(axis_name)
+  return (axis_name,)
+
+
+def varying_axes(x: Any) -> frozenset:
+  """The mesh axes ``x`` varies over, as ``jax.typeof(x)`` records inside shard_map."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)  # JAX 0.10
+  if mat is not None:
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, "vma", ()))  # JAX 0.7-0.9
+
+
+def tracks_varying(axis_name: Any) -> bool:
+  """Whether JAX records here which values vary over every axis of ``axis_name``.
+
+  True inside ``jax.shard_map`` (its default ``check_vma=True``); false under
+  ``pmap`` and ``shard_map(..., check_vma=False)``, where every value reads as
+  the same on every device. The device index varies over an axis by
+  definition, so it is the probe.
+  """
+  return all(a in varying_axes(lax.axis_index(a)) for a in mesh_axes(axis_name))
+
+
+def already_summed(call: str, where: str, axis_name: Any, hint: str = "") -> ValueError:
+  """The error for a gradient that is the same on every device of ``axis_name``."""
+  return ValueError(
+    f"{call}(axis_name={axis_name!r}): {where} is the same on every device along"
+    f" {axis_name!r} (jax.typeof records no variation over it). That is what"
+    " jax.grad returns for parameters that enter shard_map replicated"
+    " (in_specs=P()): JAX has already summed the gradient over the devices, by a"
+    " dense all-reduce. Before jax.grad, mark the parameters as per-device:"
+    f" params = jax.lax.pcast(params, {axis_name!r}, to='varying'), or pass them"
+    f" with a device axis (in_specs=P({axis_name!r})).{hint}"
+  )
+
+
+def _psum_norm(local: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
+  """``sqrt(psum(local**2))`` over ``axes``, rescaled by ``pmax`` so it cannot overflow."""
+  peak = lax.pmax(local, axes)
+  safe = jnp.where(peak > 0, peak, jnp.ones_like(peak))
+  total = lax.psum(jnp.square(local / safe), axes)
+  return jnp.where(peak > 0, peak * jnp.sqrt(total), peak)
+
+
+def sharded_global_norm(call: str, tree: Any, axis_name: Any) -> jax.Array:
+  """The global norm of a tree whose leaves may be sharded over ``axis_name``.
+
+  Each leaf counts once in the whole tree's norm: a leaf that varies over an
+  axis holds one shard per device along it, so its squares are summed over
+  that axis; a leaf that is the same on every device along an axis (a
+  replicated bias in a tensor-parallel tree) is counted once, not once per
+  device. Where JAX records no varying axes (``pmap``,
+  ``shard_map(check_vma=False)``) every leaf is taken as sharded over all of
+  ``axis_name``. A tree of which no leaf varies is an error
+  (:func:`already_summed`): a gradient replicated everywhere was summed by
+  ``jax.grad``, and a replicated tree needs no ``axis_name``.
+  """
+  axes = mesh_axes(axis_name)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  tracked = tracks_varying(axes)
+  groups: dict[tuple[Any, ...], list[jax.Array]] = {}
+  for _, x in flat:
+    over = tuple(a for a in axes if a in varying_axes(x)) if tracked else axes
+    groups.setdefault(over, []).append(x)
+  if tracked and flat and set(groups) == {()}:
+    first = jax.tree_util.keystr(flat[0][0]) or "the tree itself"
+    where = f"every leaf of the tree (the first: {first})"
+    hint = " A tree replicated on purpose has its local norm: drop axis_name."
+    raise already_summed(call, where, axis_name, hint)
+  if not flat:
+    return block_norms([], [], combine=True)[0]
+  wide = widest_accumulation_dtype([x for _, x in flat])
+  parts = []
+  for over, xs in groups.items():
+    local = block_norms(xs, [None] * len(xs), combine=True)[0].astype(wide)
+    parts.append(_psum_norm(local, over) if over else local)
+  return parts[0] if len(parts) == 1 else combine_norms(parts)
+
+
 def global_norm(tree: Any, *, axis_name: Any = None) -> jax.Array:
   """The L2 norm of all leaves of ``tree`` together, overflow-safe.
 
-  With ``axis_name`` (inside ``shard_map`` or ``pmap``), each device holds a
-  shard of the tree and the result is the norm of the whole tree over that
-  mesh axis: ``sqrt(psum(local^2))``, computed rescaled by the largest local
-  norm (``pmax``) so that it cannot overflow either.
+  With ``axis_name`` (inside ``shard_map``), the tree is sharded over that
+  mesh axis (or tuple of axes) and the result is the norm of the whole tree:
+  ``sqrt(psum(local^2))`` for the leaves that vary over the axis (one shard
+  per device), computed rescaled by the largest local norm (``pmax``) so that
+  it cannot overflow either, and each replicated leaf (the same on every
+  device, as ``jax.typeof`` records inside ``shard_map``) counted once. Under
+  ``pmap`` or ``shard_map(check_vma=False)``, where JAX records no such
+  thing, every leaf is taken as sharded. A tree that is replicated
+  everywhere raises ``ValueError``: as a gradient, it was already summed over
+  the devices by ``jax.grad`` (see the message for the fix).
 
   Args:
     tree: a pytree of arrays; an empty tree has norm 0.
@@ -196,15 +285,23 @@ def global_norm(tree: Any, *, axis_name: Any = None) -> jax.Array:
     >>> big = {"a": jnp.full((4,), 6e4, jnp.float16)}  # float16's max is 65504
     >>> print(clipjax.global_norm(big))
     120000.0
+
+    A tree with a sharded kernel and a replicated bias, on 8 devices:
+
+    >>> import jax, numpy as np
+    >>> from jax.sharding import Mesh, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:8]), ("model",))
+    >>> tree = {"w": jnp.ones((8, 2)), "b": jnp.full((3,), 2.0)}
+    >>> norm = jax.jit(jax.shard_map(
+    ...   lambda t: clipjax.global_norm(t, axis_name="model"), mesh=mesh,
+    ...   in_specs=({"w": P("model"), "b": P()},), out_specs=P()))(tree)
+    >>> print(norm, clipjax.global_norm(tree))  # sqrt(16 + 12) both ways
+    5.2915025 5.2915025
   """
+  if axis_name is not None:
+    return sharded_global_norm("global_norm", tree, axis_name)
   leaves = jax.tree.leaves(tree)
-  local = block_norms(leaves, [None] * len(leaves), combine=True)[0]
-  if axis_name is None:
-    return local
-  peak = lax.pmax(local, axis_name)
-  safe = jnp.where(peak > 0, peak, jnp.ones_like(peak))
-  total = lax.psum(jnp.square(local / safe), axis_name)
-  return jnp.where(peak > 0, peak * jnp.sqrt(total), peak)
+  return block_norms(leaves, [None] * len(leaves), combine=True)[0]
 
 
 def peak_and_count(x: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:

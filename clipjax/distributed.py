@@ -116,6 +116,6 @@ def compressed_mean(
     key,
     exchange=lambda c: _exchange.leaf_exchange(c, axis_name, exchange),
     dense_bytes=_exchange.dense_bytes(axis_name),
-    check=lambda: _exchange.axis_size(call, axis_name),
+    check=_exchange.check_local(call, axis_name),
     agree=_exchange.all_finite(axis_name),
   )

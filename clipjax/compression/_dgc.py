@@ -140,7 +140,7 @@ def dgc(
     extra = {
       "exchange": lambda c: _exchange.leaf_exchange(c, axis_name, "all_gather"),
       "dense_bytes": _exchange.dense_bytes(axis_name),
-      "check": lambda: _exchange.axis_size(call, axis_name),
+      "check": _exchange.check_local(call, axis_name),
       "agree": _exchange.all_finite(axis_name),
     }
   core = staged_transform(

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from clipjax import _norms
 from clipjax.compression._base import Compressor, check_choice, compute_dtype, wire
 from clipjax.compression._compressors import cast
 
@@ -83,6 +84,29 @@ def axis_size(call: str, axis_name: Any) -> int:
       f"{call}(axis_name={axis_name!r}): no mesh axis of that name is bound here;"
       " call the update inside jax.shard_map over a mesh with that axis name."
     ) from e
+
+
+def check_local(call: str, axis_name: Any) -> Callable[[Any], None]:
+  """``check(updates)``: the axis is bound here and every leaf is a local gradient.
+
+  A leaf that is the same on every device along ``axis_name`` (as
+  ``jax.typeof`` records inside ``shard_map``) is a gradient that ``jax.grad``
+  has already summed over the devices; exchanging it would average ``N``
+  copies of a dense all-reduce, so it is an error. Where JAX records nothing
+  (``pmap``, ``shard_map(check_vma=False)``), nothing can be checked.
+  """
+
+  def check(updates: Any) -> None:
+    axis_size(call, axis_name)
+    if not _norms.tracks_varying(axis_name):
+      return
+    axes = _norms.mesh_axes(axis_name)
+    for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]:
+      if not set(axes) <= _norms.varying_axes(x):
+        where = f"the gradient leaf {jax.tree_util.keystr(path) or '(the update)'}"
+        raise _norms.already_summed(call, where, axis_name)
+
+  return check
 
 
 def leaf_exchange(

@@ -225,7 +225,7 @@ def staged_transform(
   *,
   exchange: Callable[[Compressor], Exchange] | None = None,
   dense_bytes: Callable[[list[jax.Array]], float] | None = None,
-  check: Callable[[], Any] | None = None,
+  check: Callable[[Any], Any] | None = None,
   agree: Callable[[jax.Array], jax.Array] | None = None,
 ) -> optax.GradientTransformation:
   """The transformation behind :func:`compress`, :func:`dgc` and
@@ -237,8 +237,9 @@ def staged_transform(
   (``exchange(compressor)`` is :func:`_run_stage`'s) makes it a multi-worker
   transformation: feedback then
   keeps what EF21 shares between workers, ``dense_bytes(leaves)`` gives the
-  bytes the uncompressed exchange would move, ``check()`` runs first in
-  every update (to raise a clear error outside the right context), and
+  bytes the uncompressed exchange would move, ``check(updates)`` runs first
+  in every update (to raise a clear error outside the right context, or for
+  a gradient that is not a local one), and
   ``agree(finite)`` makes every worker skip a step that any worker must skip.
 
   A step whose gradient or decoded update is not finite is skipped: the update
@@ -264,7 +265,7 @@ def staged_transform(
   def update_fn(updates, state, params=None):
     del params
     if check is not None:
-      check()
+      check(updates)
     _check_leaves(call, updates)
     leaves, treedef = jax.tree.flatten(updates)
     cstates = _up_to(treedef, state.compressor)
