@@ -213,7 +213,7 @@ def already_summed(call: str, where: str, axis_name: Any, hint: str = "") -> Val
 
 
 def _psum_norm(local: jax.Array, axes: tuple[Any, ...]) -> jax.Array:
-  """``sqrt(psum(local**2))`` over ``axes``, rescaled by ``pmax`` so it cannot overflow."""
+  """``sqrt(psum(local**2))`` over ``axes``, rescaled by ``pmax``: no overflow."""
   peak = lax.pmax(local, axes)
   safe = jnp.where(peak > 0, peak, jnp.ones_like(peak))
   total = lax.psum(jnp.square(local / safe), axes)
