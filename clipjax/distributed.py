@@ -57,11 +57,21 @@ def compressed_mean(
   below, and every device gets the same decoded mean, which is the update.
   With a lossless compressor (``cast(jnp.float32)``) it equals ``pmean``.
 
+  The gradient must be this device's own: ``jax.grad`` of parameters that
+  enter ``shard_map`` replicated (``in_specs=P()``) returns the gradient
+  already summed over the devices, so mark them per-device first
+  (``jax.lax.pcast(params, axis_name, to="varying")``). A gradient leaf that
+  is the same on every device (as ``jax.typeof`` records) raises
+  ``ValueError``; under ``pmap`` or ``shard_map(check_vma=False)`` JAX
+  records nothing and nothing is checked.
+
   The state holds per-device parts (error-feedback residuals differ between
   devices), so keep it per device: e.g. with a leading device axis outside
   ``shard_map`` (``P(axis_name)``) and that axis indexed away inside. The key
   must be the same on every device; stochastic quantizers fold in the device
-  index so that their draws are independent.
+  index so that their draws are independent. Of the statistics,
+  ``residual_norm`` is per device (see
+  :class:`~clipjax.compression.CompressionStats`).
 
   Args:
     compressor: a :class:`~clipjax.compression.Compressor`.

@@ -81,3 +81,85 @@ def test_clippers_keep_the_input_sharding_under_jit():
     chex.assert_trees_all_close(updates, expected, rtol=1e-6)
     for u, s in zip(jax.tree.leaves(updates), jax.tree.leaves(sharded), strict=True):
       assert u.sharding.is_equivalent_to(s.sharding, u.ndim)
+
+
+def _mixed_tree():
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  return {
+    "w": jax.random.normal(k1, (8, 8)),  # sharded over the axis
+    "b": jnp.ones((3,)) * 2.0,  # replicated
+    "scale": jax.random.normal(k2, (5,)),  # replicated
+    "proj": jax.random.normal(k3, (16, 4)),  # sharded
+  }
+
+
+MIXED_SPECS = {"w": P("data"), "b": P(), "scale": P(), "proj": P("data")}
+
+
+@pytest.mark.parametrize("bound", [1.0, 1e3])
+def test_a_tree_of_sharded_and_replicated_leaves_has_the_unsharded_norm(bound):
+  """Each replicated leaf counts once, not once per device (issue 12/13)."""
+  tree = _mixed_tree()
+  flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in tree.values()])
+  expected_norm = np.linalg.norm(flat)
+  tx = clipjax.clip_by_global_norm(bound, axis_name="data")
+
+  @jax.jit
+  @jax.shard_map(
+    mesh=_mesh(), in_specs=(MIXED_SPECS,), out_specs=(MIXED_SPECS, P(), P())
+  )
+  def clip_shards(local):
+    updates, state = tx.update(local, tx.init(local))
+    return updates, state.norm, clipjax.global_norm(local, axis_name="data")
+
+  updates, norm, norm2 = clip_shards(tree)
+  np.testing.assert_allclose(norm, expected_norm, rtol=1e-6)
+  np.testing.assert_allclose(norm2, expected_norm, rtol=1e-6)
+  scale = min(1.0, bound / expected_norm)
+  for k, x in tree.items():
+    np.testing.assert_allclose(updates[k], np.asarray(x) * scale, rtol=1e-5)
+  # The same tree, unsharded, under jax.jit.
+  np.testing.assert_allclose(
+    jax.jit(clipjax.global_norm)(tree), expected_norm, rtol=1e-6
+  )
+
+
+def test_a_tree_that_varies_over_nothing_is_an_already_summed_gradient():
+  tx = clipjax.clip_by_global_norm(1.0, axis_name="data")
+
+  @jax.jit
+  @jax.shard_map(mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P())
+  def norm_of_grad(params, x):
+    grads = jax.grad(lambda p: jnp.sum(x * p["w"]))(params)
+    return tx.update(grads, tx.init(grads))[1].norm
+
+  params = {"w": jnp.ones(())}
+  with pytest.raises(ValueError, match=r"clip_by_global_norm.*\['w'\].*pcast"):
+    norm_of_grad(params, jnp.ones(8))
+  with pytest.raises(ValueError, match=r"global_norm\(axis_name='data'\)"):
+    jax.jit(
+      jax.shard_map(
+        lambda t: clipjax.global_norm(t, axis_name="data"),
+        mesh=_mesh(),
+        in_specs=P(),
+        out_specs=P(),
+      )
+    )(params)
+
+
+def test_with_check_vma_off_every_leaf_is_taken_as_sharded():
+  """The documented fallback where JAX records no varying axes."""
+  tree = {"w": jnp.ones((8, 2)), "b": jnp.ones((3,))}
+
+  @jax.jit
+  @jax.shard_map(
+    mesh=_mesh(),
+    in_specs=({"w": P("data"), "b": P()},),
+    out_specs=P(),
+    check_vma=False,
+  )
+  def norm(t):
+    return clipjax.global_norm(t, axis_name="data")
+
+  # 16 ones sharded, 3 replicated ones summed over 8 devices: sqrt(16 + 24).
+  np.testing.assert_allclose(norm(tree), np.sqrt(40.0), rtol=1e-6)

@@ -38,6 +38,13 @@ class CompressionStats:
       minus the new estimate (EF21), or minus the update (no feedback).
     name: the compressor's name (static).
 
+  Across devices (``compressed_mean``, ``dgc(axis_name=...)``),
+  ``residual_norm`` is each device's own, so it leaves ``shard_map`` with a
+  device axis (``out_specs=P(axis)`` after ``[None]``) or reduced first
+  (``jax.lax.pmax``); the other fields are the same on every device and may
+  leave as ``P()``. ``density`` is then that of the averaged update: ``N``
+  devices' sparse picks give up to ``N`` times the compressor's ratio.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from clipjax import compression
