@@ -14,7 +14,6 @@ Three rules hold here so that every clipper inherits them:
 This module imports nothing else of clipjax.
 """
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -92,34 +91,82 @@ def _pow2_factors(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Ar
   )
 
 
-def _squares(
-  x: jax.Array, acc: np.dtype, factors: tuple[jax.Array, jax.Array] | None = None
-):
-  """|x|**2 elementwise in ``acc``, optionally of ``x * factors[0] * factors[1]``."""
+def _squares(x: jax.Array, acc: np.dtype, factor: Any = None) -> jax.Array:
+  """|x|**2 elementwise in ``acc``, optionally of ``x * factor``."""
   parts = (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
   total = None
   for part in parts:
     part = part.astype(acc)
-    if factors is not None:
-      part = part * factors[0] * factors[1]
+    if factor is not None:
+      part = part * factor
     total = jnp.square(part) if total is None else total + jnp.square(part)
+  assert total is not None
   return total
 
 
-def _sum_squares(x: jax.Array, axis: Axes, acc: np.dtype) -> jax.Array:
-  return jnp.sum(_squares(x, acc), axis=axis)
+def _shift(acc: np.dtype) -> int:
+  """``k`` such that a sum of ``2**32`` terms ``(x * 2**-k)**2`` is finite in ``acc``.
+
+  For every finite ``x``: half the largest exponent, plus 16. 80 for float32,
+  528 for float64.
+  """
+  return int(jnp.finfo(acc).maxexp) // 2 + 16
 
 
-def _rescaled_norm(x: jax.Array, axis: Axes, acc: np.dtype) -> jax.Array:
-  """The L2 norm as ``m * sqrt(sum((x / m)**2))``, ``m`` the largest magnitude."""
-  m = jnp.max(jnp.abs(x).astype(acc), axis=axis, keepdims=True, initial=0)
-  down1, down2, up1, up2 = _pow2_factors(m)
-  scaled = jnp.sqrt(jnp.sum(_squares(x, acc, (down1, down2)), axis=axis, keepdims=True))
-  norm = scaled * up1 * up2
-  norm = jnp.where(jnp.isposinf(m), m, norm)
-  if axis is None:
-    return norm.reshape(())
-  return jnp.squeeze(norm, axis=axis)
+def block_sums(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
+  """``sum(|x|**2)`` and ``sum(|x * 2**-k|**2)`` over ``axes``, in one pass over ``x``.
+
+  The pair is what :func:`finish_norms` turns into an overflow-safe norm: the
+  first sum is exact unless it overflows; the second, the same sum scaled by
+  ``2**-2k`` (:func:`_shift`), cannot overflow for finite ``x`` (up to
+  ``2**32`` elements), and where the first overflowed (a total above
+  ``2**128`` in float32) the terms it loses to underflow (elements below
+  ``2**17``) weigh less than ``2**-60`` of it. One variadic reduction computes
+  both, so ``x`` is read once and no ``cond`` duplicates the graph for the
+  rare overflow.
+  """
+  acc = accumulation_dtype(x.dtype)
+  factor = np.asarray(2.0 ** -_shift(acc), acc)
+  operands = (_squares(x, acc), _squares(x, acc, factor))
+  if axes is None:
+    dims = tuple(range(x.ndim))
+  else:
+    dims = tuple(
+      sorted({a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes)})
+    )
+  zero = jnp.zeros((), acc)
+
+  def add(u, v):
+    return u[0] + v[0], u[1] + v[1]
+
+  return lax.reduce(operands, (zero, zero), add, dims)
+
+
+def finish_norms(sums: jax.Array, scaled: jax.Array) -> jax.Array:
+  """The norms ``sqrt(sums)``, from ``scaled`` where ``sums`` overflowed.
+
+  ``sums`` and ``scaled`` come from :func:`block_sums` (or are sums of its
+  results, in one dtype); an infinite element of the input makes both
+  infinite, a NaN both NaN, so the norm is inf or NaN as it should be.
+  """
+  k = _shift(sums.dtype)
+  up = np.asarray(2.0**k, sums.dtype)
+  return jnp.where(jnp.isfinite(sums), jnp.sqrt(sums), jnp.sqrt(scaled) * up)
+
+
+def _to_dtype(
+  pair: tuple[jax.Array, jax.Array], dtype: np.dtype
+) -> tuple[jax.Array, jax.Array]:
+  """A :func:`block_sums` pair re-expressed in a wider accumulation dtype."""
+  s, s2 = pair
+  if s.dtype == dtype:
+    return s, s2
+  k_from, k_to = _shift(s.dtype), _shift(dtype)
+  exact = jnp.where(
+    jnp.isfinite(s), s.astype(dtype), s2.astype(dtype) * np.asarray(4.0**k_from, dtype)
+  )
+  down = np.asarray(2.0**-k_to, dtype)  # twice: 2**-2k alone is subnormal
+  return exact, exact * down * down
 
 
 def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
@@ -129,6 +176,24 @@ def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
   down1, down2, up1, up2 = _pow2_factors(m)
   scaled = jnp.sqrt(jnp.sum(jnp.square(stacked * down1 * down2), axis=0))
   return jnp.where(jnp.isposinf(m), m, scaled * up1 * up2)
+
+
+def total_norm(pairs: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
+  """The norm of everything the :func:`block_sums` pairs sum, over all of them.
+
+  The pairs' blocks must have one shape (scalars for a global norm, ``(B,)``
+  for per-example norms); the result is in their widest dtype.
+  """
+  if not pairs:
+    return jnp.zeros((), jnp.float32)
+  wide = max((p[0].dtype for p in pairs), key=lambda d: jnp.finfo(d).bits)
+  pairs = [_to_dtype(p, wide) for p in pairs]
+  if len(pairs) == 1:
+    return finish_norms(*pairs[0])
+  # Stacked and summed at once: one op however many leaves there are.
+  s = jnp.sum(jnp.stack([p[0] for p in pairs]), axis=0)
+  s2 = jnp.sum(jnp.stack([p[1] for p in pairs]), axis=0)
+  return finish_norms(s, s2)
 
 
 def block_norms(
@@ -148,28 +213,10 @@ def block_norms(
     A list of norms in each leaf's accumulation dtype (one entry if
     ``combine``).
   """
-  if not leaves:
-    return [jnp.zeros((), jnp.float32)] if combine else []
-  accs = [accumulation_dtype(x.dtype) for x in leaves]
-  sums = [_sum_squares(x, a, acc) for x, a, acc in zip(leaves, axes, accs, strict=True)]
+  pairs = [block_sums(x, a) for x, a in zip(leaves, axes, strict=True)]
   if combine:
-    wide = widest_accumulation_dtype(leaves)
-    sums = [functools.reduce(jnp.add, [s.astype(wide) for s in sums])]
-  overflow = jnp.any(jnp.stack([jnp.any(jnp.isposinf(s)) for s in sums]))
-
-  def plain():
-    return [jnp.sqrt(s) for s in sums]
-
-  def rescaled():
-    norms = [
-      _rescaled_norm(x, a, acc) for x, a, acc in zip(leaves, axes, accs, strict=True)
-    ]
-    if combine:
-      return [combine_norms([n.astype(sums[0].dtype) for n in norms])]
-    return norms
-
-  # Overflow is rare, so the rescaled pass runs only when it happens.
-  return jax.lax.cond(overflow, rescaled, plain)
+    return [total_norm(pairs)]
+  return [finish_norms(*p) for p in pairs]
 
 
 def mesh_axes(axis_name: Any) -> tuple[Any, ...]:
