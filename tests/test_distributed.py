@@ -1,5 +1,7 @@
 """compressed_mean on 8 CPU devices against single-process simulations of 8 workers."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -165,15 +167,18 @@ def test_reduce_scatter_moves_fewer_bytes_and_matches_its_simulation():
   assert cos > 0.5
 
 
-def test_deterministic_given_the_seed_and_ef21_runs():
+def test_stochastic_ef21_and_no_feedback_are_deterministic_given_the_seed():
+  # error_feedback with qsgd is checked against a simulation above, EF21's
+  # arithmetic against numpy below; here its stochastic runs repeat and agree.
   grads = _grads()
-  for feedback in ("error_feedback", "ef21", None):
+  for feedback in ("ef21", None):
     tx = distributed.compressed_mean(
       compression.qsgd(7), "data", feedback=feedback, key=3
     )
     a, _ = run_on_mesh(tx, grads, steps=2)
     b, _ = run_on_mesh(tx, grads, steps=2)
     np.testing.assert_array_equal(a, b)
+    _assert_devices_agree(a)
     assert np.all(np.isfinite(a))
 
 
@@ -203,32 +208,6 @@ def test_errors():
     run_on_mesh(tx, _grads())
 
 
-def test_dgc_across_devices_equals_8_single_process_workers_with_the_per_worker_bound():
-  """Each worker clips to C / sqrt(8), runs DGC alone; the update is their mean."""
-  grads = _grads(shape=(40,))
-  bound = 2.0
-  tx = compression.dgc(
-    0.25, momentum=0.5, clip_norm=bound, selection="exact", axis_name="data"
-  )
-  updates, _ = run_on_mesh(tx, grads, steps=3)
-  expected = []
-  for i in range(N):
-    worker = compression.dgc(
-      0.25, momentum=0.5, clip_norm=bound / np.sqrt(N), selection="exact"
-    )
-    state = worker.init(grads[i])
-    steps = []
-    for _ in range(3):
-      u, state = worker.update(grads[i], state)
-      steps.append(u)
-    expected.append(np.stack(steps))
-  np.testing.assert_allclose(
-    updates[0], np.mean(expected, axis=0), rtol=1e-5, atol=1e-7
-  )
-  for device in range(N):
-    np.testing.assert_array_equal(updates[device], updates[0])
-
-
 def test_bytes_received_equal_bytes_sent_for_ring_collectives():
   grads = _grads()
   tx = distributed.compressed_mean(compression.sign(), "data")
@@ -244,3 +223,189 @@ def test_bytes_received_equal_bytes_sent_for_ring_collectives():
   assert sent == received == 7 * compression.sign().payload_bytes((6, 20), jnp.float32)
   dense = 2 * 7 * 120 * 4 // 8
   np.testing.assert_allclose(ratio, dense / sent, rtol=1e-6)
+
+
+# -- several steps, a gradient per step and device, against numpy -----------------
+
+
+def _step_grads(seed, shape, steps=4):
+  """``(N, steps, *shape)``: a drifting gradient per device, new at every step."""
+  base = np.asarray(_grads(seed, shape))[:, None]
+  noise = np.asarray(jax.random.normal(jax.random.key(seed + 1), (N, steps, *shape)))
+  return (base + 0.5 * noise).astype(np.float32)
+
+
+def run_steps(tx, grads):
+  """Device ``i`` updates with entry ``[i, t]`` of each leaf of ``grads`` at step ``t``.
+
+  Returns each device's updates, stacked ``(N, steps, ...)``, and its last state.
+  """
+  steps = jax.tree.leaves(grads)[0].shape[1]
+
+  @jax.jit
+  @jax.shard_map(mesh=_mesh(), in_specs=P("data"), out_specs=P("data"))
+  def run(g):
+    state = tx.init(jax.tree.map(lambda t: t[0, 0], g))
+    outs = []
+    for t in range(steps):
+      u, state = tx.update(jax.tree.map(lambda a, t=t: a[0, t], g), state)
+      outs.append(u)
+    stacked = jax.tree.map(lambda *us: jnp.stack(us)[None], *outs)
+    return stacked, jax.tree.map(lambda s: jnp.asarray(s)[None], state)
+
+  updates, state = run(grads)
+  return jax.tree.map(np.asarray, updates), jax.tree.map(np.asarray, state)
+
+
+def _numpy_top_k(x, ratio):
+  """The ``ceil(ratio * n)`` entries of largest magnitude kept, the rest zero."""
+  flat = x.ravel()
+  k = max(1, math.ceil(round(ratio * flat.size, 6)))  # 0.07 * 100 keeps 7
+  keep = np.argsort(-np.abs(flat), kind="stable")[:k]
+  out = np.zeros_like(flat)
+  out[keep] = flat[keep]
+  return out.reshape(x.shape)
+
+
+def _assert_devices_agree(updates):
+  for leaf in jax.tree.leaves(updates):
+    for device in range(N):
+      np.testing.assert_array_equal(leaf[device], leaf[0])
+
+
+def test_ef21_across_devices_equals_a_numpy_simulation_of_8_workers():
+  """EF21 (Richtarik et al. 2021, Algorithm 2) with exact top-k, 4 steps.
+
+  Worker i keeps g_i and sends c_i = C(grad_i - g_i); g_i += c_i; every worker
+  adds mean_i c_i to the shared G, which is the update.
+  """
+  ratio = 0.1
+  grads = _step_grads(5, (6, 20))
+  tx = distributed.compressed_mean(compression.top_k(ratio), "data", feedback="ef21")
+  updates, state = run_steps(tx, grads)
+  own = np.zeros_like(grads[:, 0])  # g_i, float32 like clipjax's state
+  shared = np.zeros(grads.shape[2:], np.float64)
+  for t in range(grads.shape[1]):
+    sent = np.stack([_numpy_top_k(grads[i, t] - own[i], ratio) for i in range(N)])
+    own = own + sent
+    shared = shared + sent.mean(axis=0, dtype=np.float64)
+    for device in range(N):
+      np.testing.assert_allclose(updates[device, t], shared, rtol=1e-5, atol=1e-6)
+  _assert_devices_agree(updates)
+  # Each device keeps its own estimate (float32 sums of float32 entries: exact)
+  # beside the shared one, which all devices hold alike.
+  np.testing.assert_array_equal(state.feedback["estimate"], own)
+  assert not np.array_equal(own[0], own[1])
+  _assert_devices_agree(state.feedback["shared"])
+  np.testing.assert_allclose(state.feedback["shared"][0], shared, 1e-5, 1e-6)
+
+
+def test_dgc_across_devices_equals_a_numpy_simulation_with_clipping_and_momentum():
+  """DGC (Lin et al. 2018) on 8 workers over 4 steps, a two-leaf tree.
+
+  Per worker: clip the whole tree to C / sqrt(8) by global norm; u = m u + g;
+  v += u; send top_k(v) per leaf; zero u and v where sent. The update is the
+  mean of the sent parts.
+  """
+  ratio, momentum, bound = 0.25, 0.9, 20.0
+  grads = {"w": _step_grads(7, (30,)), "b": _step_grads(9, (10,))}
+  tx = compression.dgc(
+    ratio, momentum=momentum, clip_norm=bound, selection="exact", axis_name="data"
+  )
+  updates, _ = run_steps(tx, grads)
+  per_worker = bound / np.sqrt(N)
+  g64 = {k: v.astype(np.float64) for k, v in grads.items()}
+  norms = np.sqrt(sum(np.sum(g**2, axis=-1) for g in g64.values()))  # (N, steps)
+  assert norms.min() < per_worker < norms.max()  # some clipped, some not
+  u = {k: np.zeros_like(g[:, 0]) for k, g in g64.items()}
+  v = {k: np.zeros_like(g[:, 0]) for k, g in g64.items()}
+  for t in range(4):
+    for leaf, g in g64.items():
+      sent = np.zeros_like(g[:, 0])
+      for i in range(N):
+        clipped = g[i, t] * min(1.0, per_worker / norms[i, t])
+        u[leaf][i] = momentum * u[leaf][i] + clipped
+        v[leaf][i] = v[leaf][i] + u[leaf][i]
+        sent[i] = _numpy_top_k(v[leaf][i], ratio)
+        where = sent[i] != 0
+        u[leaf][i][where] = 0.0
+        v[leaf][i][where] = 0.0
+      for device in range(N):
+        np.testing.assert_allclose(
+          updates[leaf][device, t], sent.mean(axis=0), rtol=1e-5, atol=1e-6
+        )
+  _assert_devices_agree(updates)
+
+
+# -- gradients from jax.grad of replicated parameters, as users compute them -------
+
+
+def _regression(seed=0):
+  kx, ky, kw = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (N * 4, 5), jnp.float32)
+  y = jax.random.normal(ky, (N * 4, 3), jnp.float32)
+  params = {"w": jax.random.normal(kw, (5, 3), jnp.float32), "b": jnp.ones((3,))}
+  return params, x, y
+
+
+def _loss(params, x, y):
+  return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+def _per_device_grads(params, x, y):
+  """Device i's gradient on its 4 rows, on one device, outside shard_map."""
+  grad = jax.jit(jax.grad(_loss))
+  per = [grad(params, x[4 * i : 4 * i + 4], y[4 * i : 4 * i + 4]) for i in range(N)]
+  return {k: np.stack([np.asarray(p[k]) for p in per]) for k in params}
+
+
+def _grad_step(tx, pcast=True):
+  """One update from jax.grad of parameters that enter shard_map replicated."""
+
+  @jax.jit
+  @jax.shard_map(
+    mesh=_mesh(), in_specs=(P(), P("data"), P("data")), out_specs=(P(), P("data"))
+  )
+  def step(params, x, y):
+    if pcast:
+      params = jax.lax.pcast(params, "data", to="varying")
+    g = jax.grad(_loss)(params, x, y)
+    u, state = tx.update(g, tx.init(g))
+    return u, jax.tree.map(lambda r: r[None], state.feedback)
+
+  return step
+
+
+def test_lossless_mean_of_jax_grad_equals_the_mean_of_per_device_gradients():
+  params, x, y = _regression()
+  tx = distributed.compressed_mean(compression.cast(jnp.float32), "data", feedback=None)
+  update, _ = _grad_step(tx)(params, x, y)
+  expected = _per_device_grads(params, x, y)
+  for k in params:
+    np.testing.assert_allclose(update[k], expected[k].mean(0), rtol=1e-6, atol=1e-7)
+  # The mean of the local gradients is the gradient of the whole batch.
+  whole = jax.grad(_loss)(params, x, y)
+  chex.assert_trees_all_close(update, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_error_feedback_residuals_of_jax_grad_are_per_device():
+  params, x, y = _regression(1)
+  tx = distributed.compressed_mean(compression.top_k(0.2), "data")
+  update, residual = _grad_step(tx)(params, x, y)
+  grads = _per_device_grads(params, x, y)
+  for k in params:
+    sent = np.stack([_numpy_top_k(g, 0.2) for g in grads[k]])
+    np.testing.assert_allclose(residual[k], grads[k] - sent, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(update[k], sent.mean(0), rtol=1e-5, atol=1e-6)
+    assert not any(np.array_equal(residual[k][0], r) for r in residual[k][1:])
+
+
+@pytest.mark.parametrize("call", ["compressed_mean", "dgc"])
+def test_replicated_params_without_pcast_are_an_error(call):
+  if call == "dgc":
+    tx = compression.dgc(0.2, clip_norm=1.0, axis_name="data")
+  else:
+    tx = distributed.compressed_mean(compression.top_k(0.2), "data")
+  params, x, y = _regression()
+  with pytest.raises(ValueError, match=rf"{call}\(axis_name='data'\).*already summed"):
+    _grad_step(tx, pcast=False).trace(params, x, y)
