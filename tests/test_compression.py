@@ -14,8 +14,11 @@ from clipjax import compression as C
 from clipjax.compression._base import count_of, nbytes
 
 KEY = jax.random.PRNGKey(0)
-F32, BF16 = jnp.float32, jnp.bfloat16
+F32, BF16, F64 = jnp.float32, jnp.bfloat16, np.float64
 SHAPE = (37, 29)  # 1073 elements: not a multiple of 4, 8 or 128
+# Sampled top-k samples ceil(512 / ratio) elements, and a leaf no larger than
+# that takes the exact path: at 0.5, SHAPE (1073 > 1024) takes the sampled one.
+SAMPLED_RATIO = 0.5
 
 
 def _n(shape):
@@ -37,8 +40,8 @@ CASES = {
     lambda n, isz: count_of(0.1, n) * (2 + 4),
   ),
   "top_k_sampled": (
-    lambda: C.top_k(0.1, selection="sampled"),
-    lambda n, isz: count_of(0.1, n) * (isz + 4),
+    lambda: C.top_k(SAMPLED_RATIO, selection="sampled"),
+    lambda n, isz: count_of(SAMPLED_RATIO, n) * (isz + 4),
   ),
   "random_k": (lambda: C.random_k(0.1), lambda n, isz: count_of(0.1, n) * isz),
   "qsgd": (lambda: C.qsgd(), lambda n, isz: n + 4 * _ceil(n, 128)),
@@ -60,6 +63,163 @@ def _roundtrip(c, x, key=KEY, jit=True):
   return fn(x, state, key)
 
 
+# -- numpy decoders: what each documented rule makes of a payload that encodes x --
+#
+# Each takes ``(payload, x, x_hat)`` as numpy arrays, asserts that the payload
+# encodes ``x`` as documented, and returns the decode it implies, in x's dtype.
+# Only random-k reads ``x_hat``: its indices come from the key, which numpy
+# cannot redraw, so it reads where they fell and checks one per block.
+
+
+def _top_k_decode(ratio, value_dtype=None, sampled=False):
+  def decode(payload, x, x_hat):
+    del x_hat
+    flat = x.ravel()
+    n = flat.size
+    k = count_of(ratio, n)
+    idx, vals = np.asarray(payload["indices"]), np.asarray(payload["values"])
+    assert idx.shape == vals.shape == (k,)
+    kept = idx[idx < n]
+    mag = np.abs(flat.astype(F64))
+    if sampled:  # the first k in index order of those at or above a threshold
+      np.testing.assert_array_equal(idx[kept.size :], n)
+      thr = mag[kept].min()
+      np.testing.assert_array_equal(kept, np.flatnonzero((mag >= thr) & (mag > 0))[:k])
+      assert not np.array_equal(kept, np.argsort(-mag, kind="stable")[:k])
+    else:  # k distinct entries, none smaller than one left out (ties either way)
+      assert np.unique(kept).size == k
+      assert mag[kept].min() >= np.delete(mag, kept).max()
+    want = flat[kept].astype(value_dtype or x.dtype)
+    np.testing.assert_array_equal(vals[: kept.size].astype(F64), want.astype(F64))
+    assert not np.any(vals[kept.size :])
+    out = np.zeros(n, F64)
+    out[kept] = want.astype(F64)
+    return out.astype(x.dtype).reshape(x.shape)
+
+  return decode
+
+
+def _random_k_decode(ratio):
+  def decode(payload, x, x_hat):
+    flat, hat = x.ravel(), x_hat.ravel().astype(F64)
+    k = count_of(ratio, flat.size)
+    size, extra = divmod(flat.size, k)
+    sizes = size + (np.arange(k) < extra)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    picked = np.add.reduceat(hat != 0, starts)
+    np.testing.assert_array_equal(picked, 1)  # one index per block (x has no 0)
+    where = np.flatnonzero(hat)
+    vals = np.asarray(payload["values"])
+    np.testing.assert_array_equal(vals.astype(F64), flat[where].astype(F64))
+    out = np.zeros(flat.size, x.dtype)
+    scaled = vals.astype(np.float32) * sizes.astype(np.float32)  # unbiased
+    out[where] = scaled.astype(x.dtype)
+    return out.reshape(x.shape)
+
+  return decode
+
+
+def _qsgd_decode(levels, bucket_size, norm):
+  def decode(payload, x, x_hat):
+    del x_hat
+    flat = x.ravel().astype(F64)
+    n = flat.size
+    lv = payload["levels"]
+    lv = np.concatenate([lv, payload.get("tail", lv[:0])])
+    assert payload["levels"].dtype == (np.int8 if levels <= 127 else np.int16)
+    scales = np.asarray(payload["scales"])
+    assert lv.size == n and scales.size == _ceil(n, bucket_size)
+    bucket = np.arange(n) // bucket_size
+    if norm == "max":
+      r = np.maximum.reduceat(np.abs(flat), np.arange(0, n, bucket_size))
+    else:
+      r = np.sqrt(np.add.reduceat(flat**2, np.arange(0, n, bucket_size)))
+    # A level's value: r / levels rounded up to 24 - bit_length(levels) bits.
+    bits = levels.bit_length()
+    assert np.all((scales.view(np.uint32) & ((1 << bits) - 1)) == 0)
+    assert np.all(scales >= r / levels * (1 - 1e-6))
+    assert np.all(scales <= r / levels * (1 + 2.0 ** (bits - 23) + 1e-6))
+    # Each level: |x| / scale rounded down or up, with x's sign.
+    y = np.abs(flat) / scales[bucket]
+    mag = np.abs(lv.astype(F64))
+    assert np.all((np.floor(y * (1 - 1e-6)) <= mag) & (mag <= np.ceil(y * (1 + 1e-6))))
+    assert np.all(mag <= levels) and np.all((np.sign(lv) == np.sign(flat)) | (lv == 0))
+    out = (lv * scales[bucket].astype(F64)).astype(np.float32)  # exact products
+    return out.astype(x.dtype).reshape(x.shape)
+
+  return decode
+
+
+def _terngrad_decode(payload, x, x_hat):
+  del x_hat
+  flat = x.ravel().astype(F64)
+  packed = np.asarray(payload["codes"])
+  codes = ((packed[None, :] >> np.array([0, 2, 4, 6])[:, None]) & 3).ravel()
+  codes = codes[: flat.size]
+  s = float(payload["scale"])
+  assert s == np.abs(flat).max()
+  assert np.all(flat[codes == 0] < 0) and np.all(flat[codes == 2] > 0)
+  out = np.select([codes == 0, codes == 2], [-s, s], 0.0).astype(np.float32)
+  return out.astype(x.dtype).reshape(x.shape)
+
+
+def _sign_decode(payload, x, x_hat):
+  del x_hat
+  flat = x.ravel().astype(F64)
+  neg = np.unpackbits(np.asarray(payload["signs"]), bitorder="little")[: flat.size]
+  np.testing.assert_array_equal(neg, flat < 0)
+  s = np.asarray(payload["scale"])
+  np.testing.assert_allclose(s, np.abs(flat).mean(), rtol=1e-6)
+  return np.where(neg == 1, -s.astype(x.dtype), s.astype(x.dtype)).reshape(x.shape)
+
+
+def _natural_decode(payload, x, x_hat):
+  del x_hat
+  bits32 = x.ravel().astype(np.float32).view(np.uint32)
+  exps = np.asarray(payload["exponents"]).astype(np.uint32)
+  e = (bits32 >> 23) & 0xFF
+  assert np.all((exps == e) | (exps == e + 1))  # 2**e or 2**(e+1)
+  neg = np.unpackbits(np.asarray(payload["signs"]), bitorder="little")[: e.size]
+  np.testing.assert_array_equal(neg, bits32 >> 31)
+  out = ((exps << 23) | (neg.astype(np.uint32) << 31)).view(np.float32)
+  return out.astype(x.dtype).reshape(x.shape)
+
+
+def _cast_decode(dtype):
+  def decode(payload, x, x_hat):
+    del x_hat
+    want = x.ravel().astype(dtype)
+    np.testing.assert_array_equal(np.asarray(payload["values"]), want)
+    return want.astype(x.dtype).reshape(x.shape)
+
+  return decode
+
+
+def _powersgd_decode(payload, x, x_hat):
+  del x_hat
+  p, q = np.asarray(payload["p"][-1], F64), np.asarray(payload["q"][-1], F64)
+  # One power iteration from the initial Q: P orthonormal, Q = X^T P.
+  np.testing.assert_allclose(p.T @ p, np.eye(p.shape[1]), atol=1e-5)
+  x64 = x.astype(F64)
+  np.testing.assert_allclose(q, x64.T @ p, atol=1e-4 * np.abs(x64).max())
+  return (p @ q.T).astype(np.float32).astype(x.dtype)
+
+
+NUMPY_DECODE = {
+  "top_k": _top_k_decode(0.1),
+  "top_k_bf16_values": _top_k_decode(0.1, value_dtype=BF16),
+  "top_k_sampled": _top_k_decode(SAMPLED_RATIO, sampled=True),
+  "random_k": _random_k_decode(0.1),
+  "qsgd": _qsgd_decode(127, 128, "max"),
+  "qsgd_l2_int16": _qsgd_decode(300, 100, "l2"),
+  "terngrad": _terngrad_decode,
+  "sign": _sign_decode,
+  "natural": _natural_decode,
+  "cast": _cast_decode(np.float16),
+  "powersgd": _powersgd_decode,
+}
+
+
 # -- round trips and exact bytes -------------------------------------------------
 
 
@@ -74,18 +234,37 @@ def test_round_trip_keeps_shape_dtype_and_the_claimed_bytes(name, dtype):
   held = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(payload))
   expected = formula(_n(SHAPE), jnp.dtype(dtype).itemsize)
   assert held == c.payload_bytes(SHAPE, dtype) == expected
-  assert bool(jnp.all(jnp.isfinite(x_hat.astype(F32))))
-  # The relative error is that of a compressor, not of garbage.
-  err = jnp.linalg.norm((x_hat.astype(F32) - x.astype(F32)).ravel())
-  assert float(err / jnp.linalg.norm(x.astype(F32).ravel())) < 4.0
+  # The payload encodes x as documented, and x_hat is its numpy decode.
+  payload = jax.tree.map(np.asarray, payload)
+  want = NUMPY_DECODE[name](payload, np.asarray(x), np.asarray(x_hat))
+  assert want.dtype == x.dtype
+  got, want = np.asarray(x_hat).astype(F64), want.astype(F64)
+  if name == "powersgd":  # float32 products, summed in XLA's order
+    tol = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+  else:
+    np.testing.assert_array_equal(got, want)
+
+
+def _assert_sampled(payload, n):
+  """Sampled top-k's mark: indices in increasing order, empty slots at ``n``.
+
+  Exact top-k orders its indices by magnitude and fills every slot.
+  """
+  idx = np.asarray(payload["indices"])
+  kept = idx[idx < n]
+  assert 0 < kept.size < idx.size and np.all(np.diff(kept) > 0)
+  np.testing.assert_array_equal(idx[kept.size :], n)
 
 
 def test_eager_and_jit_round_trips_agree():
-  x = jax.random.normal(KEY, (20, 9))
+  x = jax.random.normal(KEY, SHAPE)
   for name in ("top_k_sampled", "qsgd"):
     c = CASES[name][0]()
-    eager = _roundtrip(c, x, jit=False)[0]
+    eager, payload, _ = _roundtrip(c, x, jit=False)
     jitted = _roundtrip(c, x, jit=True)[0]
+    if name == "top_k_sampled":
+      _assert_sampled(payload, x.size)
     chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
 
 
@@ -142,7 +321,7 @@ def test_sampled_top_k_keeps_between_half_and_one_and_a_half_k(dist):
     kept = idx[idx < n]
     counts.append(kept.size)
     assert payload["indices"].shape == (k,)
-    assert np.unique(kept).size == kept.size  # no index twice
+    assert np.all(np.diff(kept) > 0)  # in index order, none twice: sampled
     xn, xh = np.asarray(x), np.asarray(x_hat)
     np.testing.assert_array_equal(xh[kept], xn[kept])
     assert np.count_nonzero(xh) == kept.size
@@ -160,6 +339,8 @@ def test_sampled_top_k_with_ties_never_exceeds_the_payload():
   k = count_of(0.01, n)
   assert payload["indices"].shape == (k,)
   assert int(jnp.count_nonzero(x_hat)) == k
+  # The first k of the tied top entries, in index order, as documented.
+  np.testing.assert_array_equal(np.asarray(payload["indices"]), 2 * np.arange(k))
 
 
 def test_sampled_top_k_on_a_small_leaf_is_exact():
@@ -210,10 +391,11 @@ X_UNBIASED = jnp.concatenate(
     C.random_k(0.2),
     C.qsgd(4, bucket_size=8),
     C.qsgd(2, bucket_size=16, norm="l2"),
+    C.qsgd(300, bucket_size=16, norm="l2"),
     C.terngrad(),
     C.natural(),
   ],
-  ids=["random_k", "qsgd_max", "qsgd_l2", "terngrad", "natural"],
+  ids=["random_k", "qsgd_max", "qsgd_l2", "qsgd_300", "terngrad", "natural"],
 )
 def test_unbiased_compressors_are_unbiased_over_keys(c):
   assert c.unbiased
@@ -384,20 +566,37 @@ def test_error_feedback_conserves_mass(name, dtype):
   tx = C.compress(c, feedback="error_feedback", key=3)
   params = {"w": jnp.zeros(SHAPE, dtype), "b": jnp.zeros((7,), dtype)}
   state = tx.init(params)
-  update = jax.jit(tx.update)
+
+  @jax.jit
+  def update(g, state):
+    # Beside the update, the compressor alone on g + e in g's dtype, with the
+    # key compress documents (one program: a second one would fuse differently).
+    step_key = jax.random.fold_in(jax.random.PRNGKey(3), state.step)
+    alone = {
+      leaf: c.roundtrip(
+        (g[leaf].astype(F32) + state.feedback[leaf]).astype(dtype),
+        state.compressor[leaf],
+        jax.random.fold_in(step_key, i),
+      )[0]
+      for i, leaf in enumerate(("b", "w"))  # jax.tree.leaves order
+    }
+    return *tx.update(g, state), alone
+
   for step in range(3):
     g = jax.tree.map(
       lambda p, s=step: jax.random.normal(jax.random.PRNGKey(s), p.shape).astype(dtype),
       params,
     )
     old = state.feedback
-    out, state = update(g, state)
+    out, state, alone = update(g, state)
     for leaf in ("w", "b"):
       e_old = np.asarray(old[leaf])
       e_new = np.asarray(state.feedback[leaf])
       assert e_new.dtype == np.float32 and out[leaf].dtype == dtype
       a = np.asarray(g[leaf]).astype(np.float32) + e_old  # what was compressed
       sent = np.asarray(out[leaf]).astype(np.float32)
+      # What was sent is what the compressor makes of g + e, not any output.
+      np.testing.assert_array_equal(sent, np.asarray(alone[leaf], np.float32))
       np.testing.assert_array_equal(e_new, a - sent)  # the residual's definition
       if name in STERBENZ or name == "random_k_plain":
         np.testing.assert_array_equal(sent + e_new, a)  # bitwise
@@ -550,11 +749,17 @@ def _chain_and_train(c, opt):
 
 
 def test_compress_under_vmap_matches_a_loop():
+  # w takes sampled top-k (3000 > 512 / 0.2 elements), b the exact path.
   tx = C.compress(C.top_k(0.2, selection="sampled"), key=4)
-  grads = {"w": jax.random.normal(KEY, (3, 10, 8)), "b": jax.random.normal(KEY, (3, 8))}
+  grads = {
+    "w": jax.random.normal(KEY, (3, 60, 50)),
+    "b": jax.random.normal(KEY, (3, 8)),
+  }
   states = jax.vmap(tx.init)(grads)
   update = jax.jit(jax.vmap(tx.update))
   outs, states = update(grads, states)
+  # Fewer than k = 600 sent: the sampled threshold aims at 7/8 of k.
+  assert 0 < int(jnp.count_nonzero(outs["w"][0])) < count_of(0.2, 3000)
   outs, states = update(grads, states)
   single = jax.jit(tx.update)
   for i in range(3):
@@ -569,14 +774,16 @@ def test_compress_under_vmap_matches_a_loop():
 
 
 def test_compressors_under_vmap_match_a_loop():
-  xs = jax.random.normal(KEY, (3, 20, 9))
+  xs = jax.random.normal(KEY, (3, *SHAPE))
   for name in ("qsgd", "natural", "powersgd", "top_k_sampled"):
     c = CASES[name][0]()
-    state = c.init((20, 9), F32)
-    one = jax.jit(lambda x, c=c, s=state: c.roundtrip(x, s, KEY)[0])
-    batched = jax.jit(jax.vmap(one))(xs)
+    state = c.init(SHAPE, F32)
+    one = jax.jit(lambda x, c=c, s=state: c.roundtrip(x, s, KEY)[:2])
+    batched, payloads = jax.jit(jax.vmap(one))(xs)
     for i in range(3):
-      chex.assert_trees_all_close(batched[i], one(xs[i]))
+      chex.assert_trees_all_close(batched[i], one(xs[i])[0])
+      if name == "top_k_sampled":
+        _assert_sampled(jax.tree.map(lambda t, i=i: t[i], payloads), xs[i].size)
 
 
 def test_compress_passes_empty_leaves_and_rejects_integer_ones():
