@@ -151,6 +151,10 @@ def finish_norms(sums: jax.Array, scaled: jax.Array) -> jax.Array:
   """
   k = _shift(sums.dtype)
   up = np.asarray(2.0**k, sums.dtype)
+  # Compiled, XLA would rewrite sqrt(x * x) of a one-element block as |x|,
+  # which differs from the eager result where x * x underflows; the barrier
+  # keeps jit and eager alike.
+  sums, scaled = lax.optimization_barrier((sums, scaled))
   return jnp.where(jnp.isfinite(sums), jnp.sqrt(sums), jnp.sqrt(scaled) * up)
 
 
