@@ -126,7 +126,9 @@ def block_sums(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
   rare overflow.
   """
   acc = accumulation_dtype(x.dtype)
-  factor = np.asarray(2.0 ** -_shift(acc), acc)
+  # Behind a barrier, the factor is no constant that XLA could fold into
+  # (x * f)**2 = x**2 * f**2, where f**2 underflows to 0 and x**2 overflows.
+  factor = lax.optimization_barrier(jnp.asarray(2.0 ** -_shift(acc), acc))
   operands = (_squares(x, acc), _squares(x, acc, factor))
   if axes is None:
     dims = tuple(range(x.ndim))
