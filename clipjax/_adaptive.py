@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from clipjax import _norms
-from clipjax._checks import check_bound, is_concrete
+from clipjax._checks import TreeShapes, check_bound, check_state_fits, is_concrete
 from clipjax._clipping import fraction_true, require_params
 from clipjax._stats import ClipStats, make_stats, with_stats
 
@@ -36,7 +36,8 @@ def _check_choice(call: str, name: str, value: Any, choices: tuple[str, ...]):
 
 
 def _check_fraction(call: str, name: str, value: Any, *, closed: bool = False):
-  """Raises unless a concrete ``value`` lies in [0, 1) ([0, 1] if ``closed``)."""
+  """Raises unless ``value`` is a scalar and, when concrete, in [0, 1) ([0, 1])."""
+  check_bound(call, name, value)
   if not is_concrete(value):
     return
   v = float(np.asarray(value))
@@ -103,6 +104,9 @@ class AutoClipState(NamedTuple):
       goes to slot ``seen % window``.
     stats: the last update's :class:`ClipStats` (zeros before the first), with
       ``extra["nonfinite_steps"]``.
+    tree: the leaf paths and shapes of the tree ``init`` saw, as static
+      metadata (no arrays), so that ``update`` given another tree raises
+      ``ValueError`` naming the first leaf that differs.
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
@@ -113,6 +117,7 @@ class AutoClipState(NamedTuple):
   history: jax.Array  # shape=(window,), float32: a ring buffer of norms
   seen: jax.Array  # shape=(), int32: finite norms recorded so far
   stats: ClipStats
+  tree: TreeShapes = TreeShapes()  # static: the tree init saw
 
 
 def _percentile(history: jax.Array, n: jax.Array, q: Any) -> jax.Array:
@@ -169,21 +174,23 @@ def autoclip(
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
   """
   call = "autoclip"
+  check_bound(call, "percentile", percentile)
   if is_concrete(percentile) and not 0.0 <= float(np.asarray(percentile)) <= 100.0:
     raise ValueError(f"{call}(percentile={percentile!r}) must be in [0, 100].")
   _check_steps(call, "window", window, 1)
   _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
 
   def init_fn(params):
-    del params
     return AutoClipState(
       history=jnp.zeros((window,), jnp.float32),
       seen=jnp.zeros((), jnp.int32),
       stats=_scalar_stats(call, {"nonfinite_steps": jnp.zeros((), jnp.int32)}),
+      tree=TreeShapes.of(params),
     )
 
   def update_fn(updates, state, params=None):
     del params
+    state.tree.check(call, updates)
     norm = _global_norm(call, updates)
     finite = jnp.isfinite(norm)
     slot = state.seen % window
@@ -194,7 +201,7 @@ def autoclip(
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, scale, bound, scale < 1, extra)
     out = _finish(updates, _scale(updates, scale), finite, nonfinite)
-    return out, AutoClipState(history, seen, stats)
+    return out, AutoClipState(history, seen, stats, state.tree)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -218,6 +225,9 @@ class ZClipState(NamedTuple):
     var: shape ``()``, float32: their variance, computed likewise.
     stats: the last update's :class:`ClipStats` (zeros before the first); its
       ``extra`` holds ``mean``, ``std``, ``z`` and ``nonfinite_steps``.
+    tree: the leaf paths and shapes of the tree ``init`` saw, as static
+      metadata (no arrays), so that ``update`` given another tree raises
+      ``ValueError`` naming the first leaf that differs.
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
@@ -230,6 +240,7 @@ class ZClipState(NamedTuple):
   mean: jax.Array  # shape=(), float32: mean (EMA after warm-up)
   var: jax.Array  # shape=(), float32: variance (EMA after warm-up)
   stats: ClipStats
+  tree: TreeShapes = TreeShapes()  # static: the tree init saw
 
 
 def zclip(
@@ -300,14 +311,17 @@ def zclip(
   ceiling = jnp.inf if max_norm is None else max_norm
 
   def init_fn(params):
-    del params
     zero = jnp.zeros((), jnp.float32)
     extra = {"mean": zero, "std": zero, "z": zero}
     extra["nonfinite_steps"] = jnp.zeros((), jnp.int32)
-    return ZClipState(jnp.zeros((), jnp.int32), zero, zero, _scalar_stats(call, extra))
+    stats = _scalar_stats(call, extra)
+    return ZClipState(
+      jnp.zeros((), jnp.int32), zero, zero, stats, TreeShapes.of(params)
+    )
 
   def update_fn(updates, state, params=None):
     del params
+    state.tree.check(call, updates)
     norm = _global_norm(call, updates)
     finite = jnp.isfinite(norm)
     seen, mean, var = state.seen, state.mean, state.var
@@ -343,7 +357,7 @@ def zclip(
       "nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite),
     }
     stats = make_stats(call, norm, scale, bound, scale < 1, extra)
-    new_state = ZClipState(seen + _count(finite), new_mean, new_var, stats)
+    new_state = ZClipState(seen + _count(finite), new_mean, new_var, stats, state.tree)
     return _finish(updates, _scale(updates, scale), finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -436,6 +450,8 @@ def adagc(
 
   def update_fn(updates, state, params=None):
     del params
+    scalars = jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), updates)
+    check_state_fits(call, updates, state.gamma, scalars)
     norms, total = _leaf_norms(call, updates)
     finite = jnp.isfinite(total)
     treedef = jax.tree.structure(updates)
@@ -482,6 +498,9 @@ class QuantileClipState(NamedTuple):
     max_norm: shape ``()``, float32: the bound the next update is clipped to.
     stats: the last update's :class:`ClipStats` (zeros before the first); its
       ``extra`` holds ``unclipped_fraction`` and ``nonfinite_steps``.
+    tree: the leaf paths and shapes of the tree ``init`` saw, as static
+      metadata (no arrays), so that ``update`` given another tree raises
+      ``ValueError`` naming the first leaf that differs.
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
@@ -491,6 +510,7 @@ class QuantileClipState(NamedTuple):
 
   max_norm: jax.Array  # shape=(), float32: the bound for the next update
   stats: ClipStats
+  tree: TreeShapes = TreeShapes()  # static: the tree init saw
 
 
 def quantile_clip(
@@ -539,16 +559,16 @@ def quantile_clip(
   _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
 
   def init_fn(params):
-    del params
     extra = {
       "unclipped_fraction": jnp.zeros((), jnp.float32),
       "nonfinite_steps": jnp.zeros((), jnp.int32),
     }
     bound = jnp.asarray(initial_max_norm, jnp.float32)
-    return QuantileClipState(bound, _scalar_stats(call, extra))
+    return QuantileClipState(bound, _scalar_stats(call, extra), TreeShapes.of(params))
 
   def update_fn(updates, state, params=None):
     del params
+    state.tree.check(call, updates)
     norms, total = _leaf_norms(call, updates)
     finite = jnp.isfinite(total)
     bound = state.max_norm
@@ -565,7 +585,7 @@ def quantile_clip(
     }
     smallest = jnp.min(jnp.stack(scales)) if scales else jnp.ones((), jnp.float32)
     stats = make_stats(call, total, smallest, bound, 1.0 - unclipped, extra)
-    new_state = QuantileClipState(new_bound.astype(jnp.float32), stats)
+    new_state = QuantileClipState(new_bound.astype(jnp.float32), stats, state.tree)
     return _finish(updates, _scale(updates, scales), finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -719,6 +739,7 @@ def spam_clip(
 
   def update_fn(updates, state, params=None):
     del params
+    check_state_fits(call, updates, state.nu, updates)
     norm = _global_norm(call, updates)
     finite = jnp.isfinite(norm)
     active = state.seen + 1 >= warmup_steps
@@ -792,7 +813,8 @@ def skip_and_clip(
   Args:
     max_norm: the clipping bound (may be ``inf`` to only skip).
     drop_norm: norms above this skip the step (may be ``inf`` to skip only
-      non-finite steps).
+      non-finite steps); at least a finite ``max_norm`` (``ValueError``
+      otherwise, when both are concrete).
     inner: an optional transformation to wrap, e.g. ``optax.adam(1e-3)``.
 
   Returns:
@@ -814,6 +836,16 @@ def skip_and_clip(
   call = "skip_and_clip"
   check_bound(call, "max_norm", max_norm, allow_inf=True)
   check_bound(call, "drop_norm", drop_norm, allow_inf=True)
+  if is_concrete(max_norm) and is_concrete(drop_norm):
+    clip_at, drop_at = float(np.asarray(max_norm)), float(np.asarray(drop_norm))
+  else:
+    clip_at, drop_at = np.inf, np.inf
+  if np.isfinite(clip_at) and drop_at < clip_at:
+    raise ValueError(
+      f"{call}(max_norm={max_norm!r}, drop_norm={drop_norm!r}): drop_norm must be"
+      f" >= max_norm; below it, every step with a norm above {drop_norm!r} would"
+      f" be skipped and none clipped to {max_norm!r} (max_norm=inf only skips)."
+    )
 
   def init_fn(params):
     inner_state = optax.EmptyState() if inner is None else inner.init(params)

@@ -28,8 +28,18 @@ import numpy as np
 import optax
 
 from clipjax import _norms
-from clipjax._checks import check_bound
+from clipjax._checks import MANY_BOUNDS, check_bound, shown
 from clipjax._stats import ClipStats, make_stats, with_stats
+
+# A global, per-leaf or per-slice bound is one scalar; what to use instead.
+_GLOBAL_HINT = (
+  "The global norm has one bound; for a bound per group of leaves use"
+  " clip_by_group_norm. " + MANY_BOUNDS
+)
+_BLOCK_HINT = (
+  "One bound holds for every block; for a bound per leaf use"
+  " clip_by_group_norm with one group per leaf. " + MANY_BOUNDS
+)
 
 
 def require_params(call: str, params: Any) -> None:
@@ -105,16 +115,19 @@ def clip(
   """Clips updates element-wise, to be in ``[-max_delta, +max_delta]``.
 
   Drop-in for ``optax.clip``; its statistics treat each element as a block:
-  ``norm`` is each leaf's largest ``|x|``, ``scale`` what that element was
-  multiplied by, ``clipped_fraction`` the fraction of elements clipped.
+  ``norm`` is each leaf's largest ``|x|``, ``scale`` the smallest factor an
+  element of that leaf was multiplied by, ``clipped_fraction`` the fraction of
+  elements clipped.
 
   The statistics cost one more read of the update, which XLA:CPU does not
   fuse with the clipping (about 5-10% of a memory-bound ``clip`` + ``sgd``
   step); ``stats=False`` skips them and costs what ``optax.clip`` does.
 
   Args:
-    max_delta: the largest absolute value of any element; a number or a traced
-      scalar.
+    max_delta: the largest absolute value of any element: a number or a traced
+      scalar, or, as in ``optax.clip``, an array of element-wise bounds that
+      broadcasts to every leaf's shape (``update`` raises ``ValueError`` naming
+      a leaf whose shape it would change, where optax would broadcast the leaf).
     stats: whether to record the statistics (keyword only).
 
   Returns:
@@ -129,10 +142,27 @@ def clip(
     [-1.   0.5  1. ] 0.6666667
     >>> clipjax.clip(1.0, stats=False).update({"w": jnp.array([-3.0])}, None)
     ({'w': Array([-1.], dtype=float32)}, EmptyState())
+    >>> u, s = clipjax.clip([0.1, 0.2]).update({"w": jnp.array([3.0, 4.0])}, None)
+    >>> print(u["w"], s.scale["w"])  # one bound per column, as optax.clip
+    [0.1 0.2] 0.033333335
   """
-  check_bound("clip", "max_delta", max_delta)
+  check_bound("clip", "max_delta", max_delta, scalar=False)
   if not isinstance(stats, bool):
     raise TypeError(f"clip: stats must be True or False, got {stats!r}")
+  delta_shape = tuple(np.shape(max_delta))
+
+  def check_shapes(updates):
+    for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]:
+      try:
+        fits = np.broadcast_shapes(delta_shape, x.shape) == x.shape
+      except ValueError:
+        fits = False
+      if not fits:
+        raise ValueError(
+          f"clip(max_delta={shown(max_delta)}): an array max_delta (shape"
+          f" {delta_shape}) bounds elements and must broadcast to every leaf's"
+          f" shape; leaf {jax.tree_util.keystr(path)} has shape {x.shape}."
+        )
 
   def bounds(leaves):
     # A traced bound that is negative or NaN acts as 0, as in clip_scale.
@@ -148,36 +178,41 @@ def clip(
     def update_fn(updates, state, params=None):
       del state, params
       _norms.check_float_leaves("clip", updates)
+      if delta_shape:
+        check_shapes(updates)
       leaves, treedef = jax.tree.flatten(updates)
       new = clipped(leaves, bounds(leaves)[1])
       return jax.tree.unflatten(treedef, new), optax.EmptyState()
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
+  def smallest_factor(x, peak, d, delta):
+    if not delta_shape:  # the largest element got the smallest factor
+      return _norms.clip_scale(peak, delta)
+    factors = _norms.clip_scale(jnp.abs(x).astype(peak.dtype), d)
+    return jnp.min(factors, initial=1.0)
+
   def apply(updates, params):
     del params
     _norms.check_float_leaves("clip", updates)
+    if delta_shape:
+      check_shapes(updates)
     leaves, treedef = jax.tree.flatten(updates)
     delta, deltas = bounds(leaves)
     new = clipped(leaves, deltas)
-    peaks, counts = [], []
+    peaks, counts, scales = [], [], []
     for x, d in zip(leaves, deltas, strict=True):
       peak, count = _norms.peak_and_count(x, d)
       peaks.append(peak.astype(jnp.float32))
       counts.append(count.astype(jnp.float32))
+      scales.append(smallest_factor(x, peaks[-1], d, delta))
     total = sum(int(x.size) for x in leaves)
     if total:
       fraction = functools.reduce(jnp.add, counts) / total
     else:
       fraction = jnp.zeros((), jnp.float32)
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    stats = make_stats(
-      "clip",
-      unflatten(peaks),
-      unflatten([_norms.clip_scale(p, delta) for p in peaks]),
-      delta,
-      fraction,
-    )
+    stats = make_stats("clip", unflatten(peaks), unflatten(scales), delta, fraction)
     return unflatten(new), stats
 
   return with_stats(apply)
@@ -197,8 +232,10 @@ def clip_by_global_norm(
   precision.
 
   Args:
-    max_norm: the bound; a number or a traced scalar (so that
-      ``optax.inject_hyperparams`` and ``jax.vmap`` over bounds work).
+    max_norm: the bound, a scalar: a number or a traced scalar (so that
+      ``optax.inject_hyperparams`` and ``jax.vmap`` over bounds work). A
+      string, a bool, an array, a tuple or a list of bounds raises
+      ``ValueError`` at construction (for many bounds, ``jax.vmap``).
     eps: added to the norm before dividing; ``eps=1e-6`` reproduces
       ``torch.nn.utils.clip_grad_norm_``.
     axis_name: for use inside ``shard_map`` when each device holds a shard of
@@ -229,8 +266,9 @@ def clip_by_global_norm(
     Pascanu et al., `On the difficulty of training recurrent neural networks
     <https://arxiv.org/abs/1211.5063>`_, 2013.
   """
-  check_bound("clip_by_global_norm", "max_norm", max_norm)
-  check_bound("clip_by_global_norm", "eps", eps)
+  call = "clip_by_global_norm"
+  check_bound(call, "max_norm", max_norm, hint=_GLOBAL_HINT)
+  check_bound(call, "eps", eps)
 
   def apply(updates, params):
     del params
@@ -252,7 +290,8 @@ def clip_by_norm(
   """Clips each leaf (or each slice of a leaf) to L2 norm at most ``max_norm``.
 
   Args:
-    max_norm: the bound for every block; a number or a traced scalar.
+    max_norm: the bound for every block, a scalar: a number or a traced scalar
+      (for one bound per leaf, :func:`clip_by_group_norm`).
     axis: the axes one block spans. ``None``: the whole leaf. An int or tuple:
       those axes of every leaf, so that ``axis=(1, 2)`` clips a stacked
       ``(layers, in, out)`` kernel per layer. A callable ``leaf -> axes`` for
@@ -276,7 +315,7 @@ def clip_by_norm(
     [[0.6 0.8]
      [0.  0.5]]
   """
-  check_bound("clip_by_norm", "max_norm", max_norm)
+  check_bound("clip_by_norm", "max_norm", max_norm, hint=_BLOCK_HINT)
 
   def apply(updates, params):
     del params
@@ -297,7 +336,8 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
   with a zero threshold (or for an empty leaf).
 
   Args:
-    threshold: the largest RMS of each leaf; a number or a traced scalar.
+    threshold: the largest RMS of each leaf, a scalar: a number or a traced
+      scalar.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`ClipStats`
@@ -309,7 +349,7 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
     >>> print(u, s.norm)
     [ 1. -1.] 2.0
   """
-  check_bound("clip_by_block_rms", "threshold", threshold)
+  check_bound("clip_by_block_rms", "threshold", threshold, hint=_BLOCK_HINT)
 
   def rms(norm, x, axes):
     del axes
@@ -338,7 +378,8 @@ def clip_by_group_norm(
   scaled by ``min(1, bound / ||group||)`` on its own.
 
   Args:
-    max_norm: one bound for every group, or a mapping from label to bound.
+    max_norm: one scalar bound for every group, or a mapping from label to a
+      scalar bound.
     groups: a pytree of labels with the structure of the updates, or a
       callable mapping the params (the updates when no params are given) to
       such a tree, as in ``optax.multi_transform``.
@@ -361,7 +402,12 @@ def clip_by_group_norm(
     for label, bound in max_norm.items():
       check_bound(call, f"max_norm[{label!r}]", bound)
   else:
-    check_bound(call, "max_norm", max_norm)
+    check_bound(
+      call,
+      "max_norm",
+      max_norm,
+      hint="It is one bound for every group, or a mapping from label to bound.",
+    )
 
   def apply(updates, params):
     _norms.check_float_leaves(call, updates)

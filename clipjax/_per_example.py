@@ -66,6 +66,9 @@ def _check_batch_dim(call: str, grads: Any) -> list[jax.Array]:
   return leaves
 
 
+_ONE_BOUND = "It is one bound for every example (jax.vmap the call for many)."
+
+
 def _as_float(g: jax.Array) -> jax.Array:
   return g if jnp.issubdtype(g.dtype, jnp.inexact) else g.astype(jnp.float32)
 
@@ -106,7 +109,7 @@ def per_example_global_norm_clip(
   """
   call = "per_example_global_norm_clip"
   leaves = _check_batch_dim(call, grads)
-  check_bound(call, "l2_norm_clip", l2_norm_clip, allow_inf=True)
+  check_bound(call, "l2_norm_clip", l2_norm_clip, allow_inf=True, hint=_ONE_BOUND)
   leaves = [_as_float(g) for g in leaves]
   axes = [tuple(range(1, g.ndim)) for g in leaves]
   norms = _norms.block_norms(leaves, axes, combine=True)[0]
@@ -162,7 +165,9 @@ def per_example_layer_norm_clip(
   """
   call = "per_example_layer_norm_clip"
   leaves = _check_batch_dim(call, grads)
-  check_bound(call, "global_l2_norm_clip", global_l2_norm_clip, allow_inf=True)
+  check_bound(
+    call, "global_l2_norm_clip", global_l2_norm_clip, allow_inf=True, hint=_ONE_BOUND
+  )
   if uniform:
     bounds = [global_l2_norm_clip * (1.0 / len(leaves)) ** 0.5] * len(leaves)
   else:
@@ -202,8 +207,6 @@ def _batch_size(call: str, batch: Sequence[Any]) -> int:
 def _groups(call: str, l2_clip: Any, params: Any) -> tuple[list[Any], list[int], Any]:
   """The bounds, each leaf's group, and the structure of ``norms``."""
   bounds, bound_def = jax.tree.flatten(l2_clip)
-  for b in bounds:
-    check_bound(call, "l2_clip", b, allow_inf=True)
   if jax.tree_util.treedef_is_leaf(bound_def):
     return bounds, [0] * len(jax.tree.leaves(params)), None
   index = jax.tree.unflatten(bound_def, range(len(bounds)))
@@ -317,8 +320,7 @@ def per_example_clipped_grad(
     )
   if not callable(loss_fn):
     raise TypeError(f"{call}: loss_fn must be callable; got {loss_fn!r}.")
-  if _is_scalar(l2_clip):
-    check_bound(call, "l2_clip", l2_clip, allow_inf=True)
+  _check_l2_clip(call, l2_clip)
 
   def f(params: Any, *batch: Any) -> Any:
     loss, params = _unwrap_nnx(loss_fn, params)
@@ -335,8 +337,18 @@ def per_example_clipped_grad(
   return f
 
 
-def _is_scalar(x: Any) -> bool:
-  return jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
+def _check_l2_clip(call: str, l2_clip: Any) -> None:
+  """Each bound in ``l2_clip`` (one, or a tree of them) is a scalar bound."""
+  hint = (
+    "l2_clip is one scalar bound, or a pytree prefix of the parameters holding"
+    " one scalar bound per leaf or per group."
+  )
+  found = jax.tree_util.tree_flatten_with_path(l2_clip)[0]
+  if not found:
+    raise ValueError(f"{call}(l2_clip={l2_clip!r}) holds no bound. {hint}")
+  for path, bound in found:
+    name = "l2_clip" + jax.tree_util.keystr(path)
+    check_bound(call, name, bound, allow_inf=True, hint=hint)
 
 
 def _unwrap_nnx(

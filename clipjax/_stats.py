@@ -1,7 +1,7 @@
 """Clip statistics carried in optimizer state, and the state -> dict helper."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -151,11 +151,23 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   way down (``named_chain`` names, ``multi_transform`` labels); per-block fields
   add the leaf path. A clipper name that repeats gets ``_1``, ``_2``, ...
 
+  A state without clippers, or whose clippers keep no statistics
+  (``clip(..., stats=False)``), gives ``{}``. A state that holds no
+  :class:`ClipStats` but plain dicts with their fields is a checkpoint restored
+  without a target (orbax then rebuilds every node as a dict): that raises
+  ``ValueError``, where ``{}`` would leave a logger silently empty. Restore
+  into the optimizer's state tree instead, e.g.
+  ``checkpointer.restore(path, jax.eval_shape(tx.init, params))``.
+
   Args:
     opt_state: any optax state (or pytree holding one).
 
   Returns:
     A dict from readable names to arrays, ready for a logger.
+
+  Raises:
+    ValueError: if ``opt_state`` holds no :class:`ClipStats` but holds a
+      mapping with their fields, as a checkpoint restored without a target.
 
   Examples:
     >>> import jax.numpy as jnp, optax, clipjax
@@ -165,6 +177,16 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
     >>> {k: float(v) for k, v in clipjax.clip_stats(state).items()}
     {'clip_by_global_norm/norm': 5.0, 'clip_by_global_norm/scale': 0.2,
      'clip_by_global_norm/bound': 1.0, 'clip_by_global_norm/clipped_fraction': 1.0}
+    >>> clipjax.clip_stats(optax.sgd(0.1).init(g))  # no clipper: nothing to log
+    {}
+    >>> restored = [{"norm": 5.0, "scale": 0.2, "bound": 1.0,
+    ...              "clipped_fraction": 1.0, "extra": {}}, {}]
+    >>> clipjax.clip_stats(restored)
+    Traceback (most recent call last):
+    ...
+    ValueError: clip_stats: the state holds no ClipStats, but [0] is a plain dict
+    with their fields (norm, scale, bound, clipped_fraction): a checkpoint restored
+    without a target? ...
   """
   out: dict[str, jax.Array] = {}
   for base, node in labelled(opt_state, ClipStats):
@@ -175,4 +197,25 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
         out[f"{base}/{field}{suffix}"] = leaf
     for key, value in node.extra.items():
       out[f"{base}/{key}"] = getattr(value, "value", value)
+  if not out:
+    _check_not_restored_without_target(opt_state)
   return out
+
+
+def _looks_like_stats(node: Any) -> bool:
+  return isinstance(node, Mapping) and all(f in node for f in _FIELDS)
+
+
+def _check_not_restored_without_target(opt_state: Any) -> None:
+  """Raises if ``opt_state`` holds mappings with :class:`ClipStats`' fields."""
+  found = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_looks_like_stats)[0]
+  for path, node in found:
+    if _looks_like_stats(node):
+      raise ValueError(
+        f"clip_stats: the state holds no ClipStats, but"
+        f" {jax.tree_util.keystr(path) or 'the state'} is a plain"
+        f" {type(node).__name__} with their fields ({', '.join(_FIELDS)}): a"
+        " checkpoint restored without a target? Restore it into the optimizer's"
+        " state tree, e.g. checkpointer.restore(path, jax.eval_shape(tx.init,"
+        " params)), and pass that."
+      )

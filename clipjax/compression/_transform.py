@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from clipjax import _norms
+from clipjax._checks import check_state_fits
 from clipjax._stats import labelled
 from clipjax.compression._base import Compressor, check_choice, nbytes, wire
 from clipjax.compression._feedback import FEEDBACKS, Feedback
@@ -251,7 +252,9 @@ def staged_transform(
 
   A step whose gradient or decoded update is not finite is skipped: the update
   is zeros and the compressor and feedback states are kept as they were (the
-  step counter still advances).
+  step counter still advances). A state that ``init`` made for another tree
+  (other leaves or shapes) raises ``ValueError`` naming ``call`` and the first
+  leaf that differs, at trace time.
   """
   base_key = key_data(call, key)
 
@@ -274,6 +277,11 @@ def staged_transform(
     if check is not None:
       check(updates)
     _check_leaves(call, updates)
+    # What init would make for these updates, traced for shapes only.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), updates)
+    fits = jax.eval_shape(init_fn, abstract)
+    check_state_fits(call, updates, state.feedback, fits.feedback)
+    check_state_fits(call, updates, state.compressor, fits.compressor)
     leaves, treedef = jax.tree.flatten(updates)
     cstates = _up_to(treedef, state.compressor)
     fstates = _up_to(treedef, state.feedback)
