@@ -279,6 +279,36 @@ def test_clip_by_group_norm_against_numpy():
     np.testing.assert_allclose(float(stats.norm[label]), n, rtol=1e-6)
 
 
+# (bound, eps, the tree's norm), each a case where eps changes the result, and
+# eps=0 at the bound, where the tree is left as it is.
+GLOBAL_NORM_EPS_CASES = [
+  (1.0, 0.5, 1.0),  # at the bound: scaled by 1 / 1.5 only because of eps
+  (1.0, 0.5, 0.9),  # below the bound, pushed over it by eps
+  (2.0, 1.0, 3.0),  # above it: 2 / 4 instead of 2 / 3
+  (1e-6, 1e-6, 1e-6),  # torch's eps on a gradient as small as the bound: halved
+  (1.0, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("bound,eps,norm", GLOBAL_NORM_EPS_CASES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_clip_by_global_norm_eps_against_numpy(bound, eps, norm, jit):
+  raw = _tree(7)
+  grads = jax.tree.map(lambda x: x * np.float32(norm / _np_global_norm(raw)), raw)
+  n = _np_global_norm(grads)
+  scale = min(1.0, bound / (n + eps))  # g * min(1, c / (||g|| + eps)), float64
+  if eps > 0:
+    assert abs(scale - min(1.0, bound / n)) > 0.1  # dropping eps would show
+  tx = clipjax.clip_by_global_norm(bound, eps=eps)
+  update = jax.jit(tx.update) if jit else tx.update
+  out, stats = update(grads, tx.init(grads))
+  for x, y in zip(jax.tree.leaves(grads), jax.tree.leaves(out), strict=True):
+    assert y.dtype == x.dtype
+    np.testing.assert_allclose(y, np.asarray(x, np.float64) * scale, rtol=2e-6)
+  np.testing.assert_allclose(float(stats.norm), n, rtol=1e-6)
+  np.testing.assert_allclose(float(stats.scale), scale, rtol=1e-6)
+
+
 def test_clip_by_group_norm_with_callable_and_single_bound():
   tree = _tree(6)
 

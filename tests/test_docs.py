@@ -3,7 +3,9 @@
 The pages are ``docs/*.md``; each public name is rendered from its docstring by
 a ``::: clipjax.name`` directive (mkdocstrings). The examples in those
 docstrings run as doctests through pytest's ``--doctest-modules``; the checks
-here make sure each public name has one, and that pytest collects it.
+here make sure each public name has one, and that pytest collects it. The
+Python blocks in the pages' prose run, and each checks its result by the
+README's rule (``check_snippet`` in tests/test_readme.py).
 """
 
 import doctest
@@ -17,8 +19,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import jax
 import pytest
+from test_readme import check_snippet
 
 import clipjax
 import clipjax.compression
@@ -207,8 +209,7 @@ def test_images_exist_and_are_small(page: str):
 @pytest.mark.parametrize(
   ("where", "code"), [pytest.param(w, c, id=w) for w, c in python_blocks()]
 )
-def test_page_code_runs(where: str, code: str):
-  # As for the README: optax's own code mixes dtypes, so run with standard
-  # promotion (the suite's conftest makes it strict).
-  with jax.numpy_dtype_promotion("standard"):
-    exec(compile(code, where, "exec"), {})
+def test_page_code_checks_its_results(where: str, code: str):
+  # The README's rule (tests/test_readme.py): each block asserts, or prints
+  # with the expected output as a trailing comment, and is run to check it.
+  check_snippet(code, where)

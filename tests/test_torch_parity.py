@@ -1,9 +1,16 @@
-"""Parity with PyTorch's clipping utilities (skipped when torch is absent).
+"""Parity with PyTorch's clipping utilities.
 
 ``clip_by_global_norm(c, eps=1e-6)`` against ``torch.nn.utils.clip_grad_norm_``
 and ``clip(c)`` against ``torch.nn.utils.clip_grad_value_``, on the same
 float32 gradients drawn with numpy.
+
+torch comes with the ``compare`` extra. Without it these tests are skipped,
+except under ``CLIPJAX_REQUIRE_COMPARE=1`` (the README's second test command,
+run by CI), where a missing torch, Opacus or jax_privacy fails instead.
 """
+
+import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +21,28 @@ from hypothesis import strategies as st
 
 import clipjax
 
-torch = pytest.importorskip("torch")
+REQUIRE_COMPARE = os.environ.get("CLIPJAX_REQUIRE_COMPARE") == "1"
+# The libraries of the compare extra that the suite's comparisons use (here,
+# and as rows of tests/test_per_example_benchmark.py).
+COMPARE_MODULES = ("torch", "opacus", "jax_privacy")
+
+if REQUIRE_COMPARE:
+  import torch  # an ImportError here fails the run
+else:
+  torch = pytest.importorskip("torch")
+
+
+def test_compare_extra_is_installed_when_required():
+  if not REQUIRE_COMPARE:
+    pytest.skip("CLIPJAX_REQUIRE_COMPARE is not 1")
+  missing = []
+  for name in COMPARE_MODULES:
+    try:
+      importlib.import_module(name)
+    except ImportError:
+      missing.append(name)
+  assert not missing, f"the compare extra is incomplete: {missing} do not import"
+
 
 SHAPES = [(4, 3), (3,), (3, 3, 2, 4), (2, 3, 5), ()]
 
