@@ -285,6 +285,11 @@ def zclip(
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ZClipState`; its
     stats' ``extra`` holds ``mean``, ``std``, ``z`` and ``nonfinite_steps``.
+    Its stats' ``bound`` is the bound in force, finite after warm-up: on a
+    spike, the norm it was clipped to; on any other step, the norm above which
+    it would have been a spike, ``mu + z_thresh * (sigma + eps)`` (or
+    ``max_norm`` if lower). During warm-up it is ``max_norm``, ``inf`` without
+    one: nothing bounds those steps.
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
@@ -341,8 +346,13 @@ def zclip(
     adaptive_bound = mean + jnp.square(z_thresh) * std / safe_z
     spike_bound = mean if mode == "mean" else adaptive_bound
     adaptive = jnp.where(spike, spike_bound, jnp.inf)
-    bound = jnp.minimum(adaptive, jnp.asarray(ceiling, jnp.float32))
+    ceiling32 = jnp.asarray(ceiling, jnp.float32)
+    bound = jnp.minimum(adaptive, ceiling32)
     scale = _norms.clip_scale(norm, bound)
+    # A logger sees the bound in force: on a step that is no spike, the norm
+    # above which it would have been one (reported only; the rule is z > z_thresh).
+    threshold = jnp.minimum(mean + z_thresh * (std + eps), ceiling32)
+    in_force = jnp.where(warm | spike, bound, threshold)
 
     ema_input = jnp.where(spike, spike_bound, norm)  # the EMA sees the clipped norm
     ema_mean = alpha * mean + (1 - alpha) * ema_input
@@ -356,7 +366,7 @@ def zclip(
       "z": jnp.where(warm, jnp.zeros_like(z), z),
       "nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite),
     }
-    stats = make_stats(call, norm, scale, bound, scale < 1, extra)
+    stats = make_stats(call, norm, scale, in_force, scale < 1, extra)
     new_state = ZClipState(seen + _count(finite), new_mean, new_var, stats, state.tree)
     return _finish(updates, _scale(updates, scale), finite, nonfinite), new_state
 

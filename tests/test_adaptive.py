@@ -170,7 +170,7 @@ def zclip_reference(norms, alpha, z_thresh, warmup, mode, max_norm=None, eps=1e-
   (only ``max_norm`` clips). Then a norm with z-score above ``z_thresh`` is
   clipped to ``mu + z_thresh**2 * sigma / z`` (or ``mu``), and the EMA is fed
   the adaptively clipped norm (``max_norm`` is applied on top, not fed back).
-  Returns the bound and the (mean, var) after each step.
+  Returns the bound in force and the (mean, var) after each step.
   """
   ceiling = math.inf if max_norm is None else max_norm
   buffer, mean, var, out = [], None, None, []
@@ -187,7 +187,9 @@ def zclip_reference(norms, alpha, z_thresh, warmup, mode, max_norm=None, eps=1e-
     clip_val = None
     if z > z_thresh:
       clip_val = mean + z_thresh**2 * std / z if mode == "adaptive_scaling" else mean
-    bound = min(math.inf if clip_val is None else clip_val, ceiling)
+    # No spike: the bound reported is the norm above which it would be one.
+    in_force = mean + z_thresh * (std + eps) if clip_val is None else clip_val
+    bound = min(in_force, ceiling)
     fed = n if clip_val is None else clip_val
     mean = alpha * mean + (1 - alpha) * fed
     var = alpha * var + (1 - alpha) * (fed - mean) ** 2

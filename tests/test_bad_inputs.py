@@ -329,6 +329,28 @@ def test_tree_agnostic_states_still_vmap_and_accept_hand_built_states(name):
   tx.update(RENAMED, bare)
 
 
+# --- what zclip logs while it is not clipping --------------------------------------
+
+
+def test_zclip_logs_the_bound_in_force_when_not_clipping():
+  tx = clipjax.zclip(warmup_steps=2)
+  capped = clipjax.zclip(warmup_steps=2, max_norm=5.0)
+  state, capped_state = tx.init(ONE), capped.init(ONE)
+  bounds, capped_bounds = [], []
+  for g in (1.0, 1.2, 1.1):  # warm-up, warm-up, no spike
+    grads = {"w": jnp.full((3, 4), g / np.sqrt(12.0))}
+    _, state = tx.update(grads, state)
+    _, capped_state = capped.update(grads, capped_state)
+    bounds.append(float(state.stats.bound))
+    capped_bounds.append(float(capped_state.stats.bound))
+  assert bounds[:2] == [math.inf, math.inf]  # nothing bounds the warm-up
+  assert capped_bounds[:2] == [5.0, 5.0]
+  # After warm-up (mean 1.1, std 0.1): the norm above which it would clip.
+  np.testing.assert_allclose(bounds[2], 1.1 + 2.5 * (0.1 + 1e-6), rtol=1e-5)
+  np.testing.assert_allclose(capped_bounds[2], bounds[2], rtol=1e-6)
+  assert float(state.stats.scale) == 1.0
+
+
 # --- clip_stats of a tree without clipper state -----------------------------------
 
 
