@@ -596,7 +596,13 @@ def test_error_feedback_conserves_mass(name, dtype):
       a = np.asarray(g[leaf]).astype(np.float32) + e_old  # what was compressed
       sent = np.asarray(out[leaf]).astype(np.float32)
       # What was sent is what the compressor makes of g + e, not any output.
-      np.testing.assert_array_equal(sent, np.asarray(alone[leaf], np.float32))
+      # compress runs the compressor under jax.vmap over the leaves of a
+      # shape; PowerSGD's batched products may round differently there.
+      expected = np.asarray(alone[leaf], np.float32)
+      if name == "powersgd":
+        np.testing.assert_allclose(sent, expected, rtol=1e-5, atol=1e-6)
+      else:
+        np.testing.assert_array_equal(sent, expected)
       np.testing.assert_array_equal(e_new, a - sent)  # the residual's definition
       if name in STERBENZ or name == "random_k_plain":
         np.testing.assert_array_equal(sent + e_new, a)  # bitwise
@@ -687,7 +693,11 @@ def test_compress_statistics():
   assert float(stats["wire/top_k/ratio"]) == pytest.approx(dense / sent)
   assert float(stats["wire/top_k/density"]) == pytest.approx(21 / 210)
   residual = state["wire"].feedback
-  norm = np.sqrt(sum(np.sum(np.asarray(r, np.float64) ** 2) for r in residual.values()))
+  norm = np.sqrt(
+    sum(
+      np.sum(np.asarray(r, np.float64) ** 2) for r in jax.tree.leaves(residual.tree())
+    )
+  )
   assert float(stats["wire/top_k/residual_norm"]) == pytest.approx(norm, rel=1e-5)
 
 

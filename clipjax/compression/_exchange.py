@@ -109,44 +109,107 @@ def check_local(call: str, axis_name: Any) -> Callable[[Any], None]:
   return check
 
 
-def leaf_exchange(
-  compressor: Compressor, axis_name: Any, exchange: str
-) -> Callable[..., tuple[jax.Array, jax.Array, Any, int]]:
-  """``(x, cstate, key) -> (local_hat, mean_hat, cstate, bytes)`` for one leaf."""
+def leaf_exchange(compressor: Compressor, axis_name: Any, exchange: str) -> Any:
+  """The transport of the leaves over ``axis_name`` (a ``Transport``).
+
+  For ``"psum"`` and ``"all_gather"`` it runs in three steps: ``local`` encodes
+  (and decodes) one leaf, ``collective`` moves the payloads of *every* leaf at
+  once, one collective per payload dtype (the arrays of a dtype concatenated
+  into one buffer: a collective costs a rendezvous of all devices, whatever
+  its size), and ``mean`` decodes one leaf's received payloads into the mean.
+  PowerSGD's rounds and the reduce-scatter exchange run per leaf (``run``).
+  ``nbytes(shape, dtype)`` counts the bytes one device sends for a leaf.
+  """
+  from clipjax.compression._transform import Transport
 
   def pmean(t: jax.Array) -> jax.Array:
     return lax.pmean(t, axis_name)
 
+  def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return exchange_bytes(compressor, shape, dtype, lax.axis_size(axis_name), exchange)
+
+  per_worker = compressor.stochastic and not compressor.summable
+
+  def worker_key(key: jax.Array) -> jax.Array:
+    if per_worker:
+      # Independent draws per worker, so that their errors average out.
+      return jax.random.fold_in(key, lax.axis_index(axis_name))
+    return key
+
   def run(x: jax.Array, cs: Any, key: jax.Array) -> tuple[Any, ...]:
     n = lax.axis_size(axis_name)
-    sent = exchange_bytes(compressor, x.shape, x.dtype, n, exchange)
-    if compressor.stochastic and not compressor.summable:
-      # Independent draws per worker, so that their errors average out.
-      key = jax.random.fold_in(key, lax.axis_index(axis_name))
+    key = worker_key(key)
     if compressor.reduce is not None:
       mean_hat, local_hat, cs = compressor.reduce(x, cs, key, pmean)
-      return local_hat, mean_hat, cs, sent
-    if exchange == "reduce_scatter":
-      local_hat, mean_hat = _reduce_scatter(compressor, axis_name, x, cs, key, n)
-      return local_hat, mean_hat, cs, sent
+      return local_hat, mean_hat, cs
+    local_hat, mean_hat = _reduce_scatter(compressor, axis_name, x, cs, key, n)
+    return local_hat, mean_hat, cs
+
+  if compressor.reduce is not None or exchange == "reduce_scatter":
+    return Transport(nbytes, run=run)
+
+  def local(x: jax.Array, cs: Any, key: jax.Array) -> tuple[Any, ...]:
+    key = worker_key(key)
     payload, cs = compressor.encode(x, cs, key)
     payload = wire(payload)
     local_hat = compressor.decode(payload, x.shape, x.dtype, cs, key)
+    if per_worker and exchange != "psum":
+      payload = {**payload, "_key": key}  # the receivers decode with it
+    return payload, local_hat, cs
+
+  def collective(payloads: list[Any]) -> list[Any]:
     if exchange == "psum":
-      mean_hat = compressor.decode(
-        jax.tree.map(pmean, payload), x.shape, x.dtype, cs, key
-      )
-      return local_hat, mean_hat, cs, sent
-    gathered = _gather(payload, axis_name)
-    keys = _worker_keys(compressor, key, axis_name, n)
+      return _batched(payloads, pmean, gathered=False)
+    return _batched(payloads, lambda t: _all_gather_invariant(t, axis_name))
+
+  def mean(received: Any, x: jax.Array, cs: Any, key: jax.Array) -> jax.Array:
+    if exchange == "psum":
+      return compressor.decode(received, x.shape, x.dtype, cs, key)
+    if per_worker:
+      keys = received["_key"]
+      received = {k: v for k, v in received.items() if k != "_key"}
+    else:
+      n = lax.axis_size(axis_name)
+      keys = jnp.broadcast_to(key, (n, *key.shape))
     decoded = jax.vmap(
       lambda p, k: compressor.decode(p, x.shape, x.dtype, cs, k).astype(
         compute_dtype(x.dtype)
       )
-    )(gathered, keys)
-    return local_hat, jnp.mean(decoded, axis=0).astype(x.dtype), cs, sent
+    )(received, keys)
+    return jnp.mean(decoded, axis=0).astype(x.dtype)
 
-  return run
+  return Transport(nbytes, local=local, collective=collective, mean=mean)
+
+
+def _batched(
+  trees: list[Any], collective: Callable[[jax.Array], jax.Array], gathered: bool = True
+) -> list[Any]:
+  """``collective`` of every array of ``trees``, one call per dtype.
+
+  The arrays of one dtype are flattened into one buffer; with ``gathered``
+  the collective adds a leading worker axis (all-gather), which each array
+  gets back after its group axis: ``(group, worker, ...)``.
+  """
+  leaves, treedef = jax.tree.flatten(trees)
+  by_dtype: dict[Any, list[int]] = {}
+  for i, a in enumerate(leaves):
+    by_dtype.setdefault(jnp.dtype(a.dtype), []).append(i)
+  out: list[Any] = list(leaves)
+  for idx in by_dtype.values():
+    flat = jnp.concatenate([leaves[i].reshape(-1) for i in idx])
+    moved = collective(flat)
+    offset = 0
+    for i in idx:
+      a = leaves[i]
+      size = a.size
+      part = moved[..., offset : offset + size]
+      offset += size
+      if gathered:
+        part = jnp.moveaxis(part.reshape(part.shape[0], *a.shape), 0, 1)
+      else:
+        part = part.reshape(a.shape)
+      out[i] = part
+  return jax.tree.unflatten(treedef, out)
 
 
 def _gather(x: Any, axis_name: Any) -> Any:
@@ -157,15 +220,6 @@ def _gather(x: Any, axis_name: Any) -> Any:
   plain ``all_gather`` would type it as varying.
   """
   return jax.tree.map(lambda p: _all_gather_invariant(p, axis_name), x)
-
-
-def _worker_keys(
-  compressor: Compressor, key: jax.Array, axis_name: Any, n: int
-) -> jax.Array:
-  """The key each worker encoded with (they differ for stochastic compressors)."""
-  if compressor.stochastic and not compressor.summable:
-    return _gather(key, axis_name)
-  return jnp.broadcast_to(key, (n, *key.shape))
 
 
 def _reduce_scatter(

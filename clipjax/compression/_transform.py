@@ -11,6 +11,7 @@ import optax
 
 from clipjax import _norms
 from clipjax._checks import check_state_fits
+from clipjax._layout import Layout, Stacked, mismatch
 from clipjax._stats import labelled
 from clipjax.compression._base import Compressor, check_choice, nbytes, wire
 from clipjax.compression._feedback import FEEDBACKS, Feedback
@@ -87,9 +88,13 @@ class CompressState(NamedTuple):
     step: shape ``()``, int32: the updates so far. Step ``t`` folds ``t`` into
       ``key``, then each leaf's index, to give that leaf its key.
     key: the base key as raw ``uint32`` key data (``jax.random.key_data``).
-    compressor: the per-leaf compressor states, a tree like the updates
-      (``()`` for stateless compressors; PowerSGD's ``Q``).
-    feedback: the per-leaf feedback states, a tree like the updates: the
+    compressor: the per-leaf compressor states (``()`` for stateless
+      compressors; PowerSGD's ``Q``), stacked by groups of leaves of one
+      shape and dtype: a ``Stacked`` whose ``groups`` hold one array per
+      group and field, so that the state's arrays do not grow with the
+      number of leaves. ``state.compressor["w"]`` and
+      ``state.compressor.tree()`` read it as a tree like the updates.
+    feedback: the per-leaf feedback states, stacked the same way: the
       residual (error feedback), the running estimate (EF21), the momentum and
       accumulated velocity (DGC), or ``()`` without feedback. Float32 for
       half-precision leaves.
@@ -101,8 +106,8 @@ class CompressState(NamedTuple):
     >>> tx = compression.compress(compression.top_k(0.5), key=0)
     >>> g = {"w": jnp.array([1.0, -4.0, 2.0, 3.0])}
     >>> state = tx.init(g)
-    >>> print(state.step, state.key, state.compressor)
-    0 [0 0] {'w': ()}
+    >>> print(state.step, state.key, state.compressor["w"])
+    0 [0 0] ()
     >>> _, state = tx.update(g, state)
     >>> print(state.step, state.feedback["w"])  # what top-k left behind
     1 [1. 0. 2. 0.]
@@ -113,10 +118,6 @@ class CompressState(NamedTuple):
   compressor: Any  # a tree like the updates
   feedback: Any  # a tree like the updates
   stats: CompressionStats
-
-
-# (x, compressor state, key) -> (local_hat, mean_hat, compressor state, bytes)
-Exchange = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any, int]]
 
 
 def key_data(call: str, key: Any) -> jax.Array:
@@ -150,11 +151,6 @@ def _check_leaves(call: str, tree: Any) -> None:
   )
 
 
-def _up_to(treedef: Any, tree: Any) -> list[Any]:
-  """The subtrees of ``tree`` at the leaves of ``treedef`` (``()`` included)."""
-  return treedef.flatten_up_to(tree)
-
-
 def _keep_if(ok: jax.Array, new: list[Any], old: list[Any]) -> list[Any]:
   """``new`` where ``ok``, else ``old``, leaf by leaf."""
   return [
@@ -168,33 +164,59 @@ def _zero_stats(name: str) -> CompressionStats:
   return CompressionStats(z, z, z, z, z, z, name)
 
 
+class Transport(NamedTuple):
+  """How the leaves travel between workers (``clipjax.distributed``).
+
+  ``nbytes(shape, dtype)``: the bytes one device sends for a leaf. Either
+  ``run(x, cstate, key) -> (local_hat, mean_hat, cstate)`` does one leaf's
+  whole exchange, or three steps do every leaf's at once: ``local(x, cstate,
+  key) -> (payload, local_hat, cstate)`` per leaf, ``collective(payloads)``
+  over the list of every group's payloads, ``mean(received, x, cstate, key)
+  -> mean_hat`` per leaf.
+  """
+
+  nbytes: Callable[[tuple[int, ...], Any], int]
+  run: Callable[..., tuple[jax.Array, jax.Array, Any]] | None = None
+  local: Callable[..., tuple[Any, jax.Array, Any]] | None = None
+  collective: Callable[[list[Any]], list[Any]] | None = None
+  mean: Callable[..., jax.Array] | None = None
+
+
 def _run_stage(
   compressor: Compressor,
   feedback: Feedback,
-  leaves: list[jax.Array],
-  cstates: list[Any],
-  fstates: list[Any],
+  layout: Layout,
+  groups: list[jax.Array],
+  cgroups: list[Any],
+  fgroups: list[Any],
   keys: list[jax.Array],
-  exchange: Exchange | None = None,
-) -> tuple[list[jax.Array], list[Any], list[Any], list[jax.Array], int]:
-  """Compresses every leaf; returns updates, states, missing parts and bytes.
+  transport: Transport | None = None,
+) -> tuple[list[jax.Array], list[Any], list[Any], list[jax.Array]]:
+  """Compresses every group of leaves; returns updates, states and missing parts.
 
-  Without ``exchange``, the update is ``decode(encode(x))`` and the bytes are
-  the payload's; ``exchange(x, cstate, key) -> (local_hat, mean_hat, cstate,
-  bytes)`` replaces that step with a collective one (``clipjax.distributed``).
+  Each group (the leaves of one shape and dtype, stacked) runs the per-leaf
+  pipeline under ``jax.vmap``, so every leaf is compressed on its own as
+  before, but the program holds one copy of the pipeline per group. Without
+  ``transport``, the update is ``decode(encode(x))`` and the bytes are the
+  payload's; ``transport.run`` replaces that step with a collective one
+  (``clipjax.distributed``).
   """
-  outs, new_c, new_f, missing = [], [], [], []
-  sent = 0
-  for g, cs, fs, key in zip(leaves, cstates, fstates, keys, strict=True):
-    if g.size == 0:
-      outs.append(g)
-      new_c.append(cs)
-      new_f.append(fs)
-      continue
+
+  def finish(g, fs, local_hat, mean_hat):
+    if feedback.name != "none":
+      # Ask XLA to materialize the update before the residual is taken from it:
+      # a product fused with the subtraction (an FMA, a GEMM epilogue) would make
+      # the residual differ from (g + e) - update by a rounding. XLA:CPU drops
+      # the barrier; there, decoders whose products are exact (qsgd's scales)
+      # or absent keep the residual exact.
+      local_hat = jax.lax.optimization_barrier(local_hat)
+    return feedback.finish(g, fs, local_hat, mean_hat)
+
+  def one(g, cs, fs, key):
     x = feedback.prepare(g, fs)
-    if exchange is not None:
-      local_hat, mean_hat, cs, leaf_bytes = exchange(x, cs, key)
-      sent += leaf_bytes
+    if transport is not None:
+      assert transport.run is not None
+      local_hat, mean_hat, cs = transport.run(x, cs, key)
     else:
       payload, cs = compressor.encode(x, cs, key)
       claimed = compressor.payload_bytes(g.shape, g.dtype)
@@ -203,24 +225,50 @@ def _run_stage(
           f"compressor {compressor.name!r} claims {claimed} payload bytes for"
           f" shape {g.shape} {g.dtype} but its payload holds {nbytes(payload)}."
         )
-      sent += claimed
       local_hat = compressor.decode(wire(payload), g.shape, g.dtype, cs, key)
-      mean_hat = None  # on one process, the mean is this worker's own estimate
-    if feedback.name != "none":
-      # Ask XLA to materialize the update before the residual is taken from it:
-      # a product fused with the subtraction (an FMA, a GEMM epilogue) would make
-      # the residual differ from (g + e) - update by a rounding. XLA:CPU drops
-      # the barrier; there, decoders whose products are exact (qsgd's scales)
-      # or absent keep the residual exact.
-      local_hat = jax.lax.optimization_barrier(local_hat)
-    if mean_hat is None:
-      mean_hat = local_hat
-    out, fs, miss = feedback.finish(g, fs, local_hat, mean_hat)
-    outs.append(out)
-    new_c.append(cs)
-    new_f.append(fs)
-    missing.append(miss)
-  return outs, new_c, new_f, missing, sent
+      mean_hat = local_hat  # on one process, the mean is this worker's own
+    out, fs, miss = finish(g, fs, local_hat, mean_hat)
+    return out, cs, fs, miss
+
+  args = list(zip(groups, cgroups, fgroups, keys, strict=True))
+  if transport is None or transport.run is not None:
+    results = [jax.vmap(one)(*a) for a in args]
+  else:
+    assert transport.local and transport.collective and transport.mean
+    local, mean = transport.local, transport.mean
+
+    def send(g, cs, fs, key):
+      x = feedback.prepare(g, fs)
+      payload, local_hat, cs = local(x, cs, key)
+      return x, payload, local_hat, cs
+
+    sent = [jax.vmap(send)(*a) for a in args]
+    received = transport.collective([s[1] for s in sent])
+
+    def receive(g, fs, x, local_hat, got, cs, key):
+      out, fs, miss = finish(g, fs, local_hat, mean(got, x, cs, key))
+      return out, cs, fs, miss
+
+    results = [
+      jax.vmap(receive)(g, fs, x, local_hat, got, cs, key)
+      for (g, _, fs, key), (x, _, local_hat, cs), got in zip(
+        args, sent, received, strict=True
+      )
+    ]
+  outs = [r[0] for r in results]
+  new_c = [r[1] for r in results]
+  new_f = [r[2] for r in results]
+  missing = [r[3] for r in results]
+  return outs, new_c, new_f, missing
+
+
+def _run_bytes(compressor: Compressor, transport: Any, layout: Layout) -> int:
+  """The bytes one step sends: each non-empty leaf's, from its shape."""
+  per_leaf = compressor.payload_bytes if transport is None else transport.nbytes
+  return sum(
+    len(idx) * per_leaf(layout.group_shape(i), layout.group_dtype(i))
+    for i, idx in enumerate(layout.groups)
+  )
 
 
 def staged_transform(
@@ -231,7 +279,7 @@ def staged_transform(
   feedback: Feedback,
   key: Any,
   *,
-  exchange: Callable[[Compressor], Exchange] | None = None,
+  exchange: Callable[[Compressor], Transport] | None = None,
   dense_bytes: Callable[[list[jax.Array]], float] | None = None,
   check: Callable[[Any], Any] | None = None,
   agree: Callable[[jax.Array], jax.Array] | None = None,
@@ -257,72 +305,97 @@ def staged_transform(
   leaf that differs, at trace time.
   """
   base_key = key_data(call, key)
+  distributed = exchange is not None
 
   def init_fn(params):
     _check_leaves(call, params)
-    leaves, treedef = jax.tree.flatten(params)
-    cstates = [stages[0].init(x.shape, x.dtype) if x.size else () for x in leaves]
-    distributed = exchange is not None
-    fstates = [feedback.init(x, distributed) if x.size else () for x in leaves]
+    layout = Layout.of(params)
+    stacked = layout.stack(jax.tree.leaves(params))
+    cgroups, fgroups = [], []
+    for i, xs in enumerate(stacked):
+      one = stages[0].init(layout.group_shape(i), layout.group_dtype(i))
+      n = len(layout.groups[i])
+      cgroups.append(
+        jax.tree.map(lambda a, n=n: jnp.broadcast_to(a, (n, *jnp.shape(a))), one)
+      )
+      fgroups.append(jax.vmap(lambda x: feedback.init(x, distributed))(xs))
     return CompressState(
       step=jnp.zeros((), jnp.int32),
       key=base_key,
-      compressor=jax.tree.unflatten(treedef, cstates),
-      feedback=jax.tree.unflatten(treedef, fstates),
+      compressor=Stacked.of(cgroups, layout),
+      feedback=Stacked.of(fgroups, layout),
       stats=_zero_stats(name),
     )
+
+  def check_fits(updates, layout, state):
+    """A state made by init for these updates' shapes, or a clear error."""
+    for what in ("feedback", "compressor"):
+      held = getattr(state, what, None)
+      if isinstance(held, Stacked) and held.layout == layout:
+        continue
+      # The error path only: what init would make, per leaf, for these updates.
+      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), updates)
+      expected = getattr(jax.eval_shape(init_fn, shapes), what).tree()
+      got = held.tree() if isinstance(held, Stacked) else held
+      check_state_fits(call, updates, got, expected)
+      why = (
+        mismatch(call, layout, held.layout, f"state's {what}")
+        if isinstance(held, Stacked)
+        else None
+      )
+      raise ValueError(why or f"{call}: the state's {what} does not fit the updates.")
 
   def update_fn(updates, state, params=None):
     del params
     if check is not None:
       check(updates)
     _check_leaves(call, updates)
-    # What init would make for these updates, traced for shapes only.
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), updates)
-    fits = jax.eval_shape(init_fn, abstract)
-    check_state_fits(call, updates, state.feedback, fits.feedback)
-    check_state_fits(call, updates, state.compressor, fits.compressor)
-    leaves, treedef = jax.tree.flatten(updates)
-    cstates = _up_to(treedef, state.compressor)
-    fstates = _up_to(treedef, state.feedback)
+    layout = Layout.of(updates)
+    check_fits(updates, layout, state)
+    leaves = jax.tree.leaves(updates)
+    groups = layout.stack(leaves)
     step_key = jax.random.fold_in(state.key, state.step)
-    keys = [jax.random.fold_in(step_key, i) for i in range(len(leaves))]
+    # Leaf i is given fold_in(step_key, i), whatever group it is in.
+    keys = [
+      jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.asarray(idx, jnp.uint32))
+      for idx in layout.groups
+    ]
+    transports = [None if exchange is None else exchange(c) for c in stages]
 
-    def branch(compressor):
+    def branch(s):
       def run(cs, fs):
-        outs, cs, fs, missing, sent = _run_stage(
-          compressor,
-          feedback,
-          leaves,
-          cs,
-          fs,
-          keys,
-          None if exchange is None else exchange(compressor),
+        outs, cs, fs, missing = _run_stage(
+          stages[s], feedback, layout, groups, cs, fs, keys, transports[s]
         )
-        return outs, cs, fs, missing, jnp.asarray(sent, jnp.float32)
+        return outs, cs, fs, missing
 
       return run
 
-    old_c, old_f = cstates, fstates
+    old_c, old_f = state.compressor.groups, state.feedback.groups
+    sent_by_stage = [
+      _run_bytes(c, t, layout) for c, t in zip(stages, transports, strict=True)
+    ]
     if stage_of is None or len(stages) == 1:
-      outs, cstates, fstates, missing, sent = branch(stages[0])(cstates, fstates)
+      outs, cgroups, fgroups, missing = branch(0)(old_c, old_f)
+      sent = jnp.asarray(sent_by_stage[0], jnp.float32)
     else:
       index = stage_of(state.step)
-      outs, cstates, fstates, missing, sent = jax.lax.switch(
-        index, [branch(c) for c in stages], cstates, fstates
+      outs, cgroups, fgroups, missing = jax.lax.switch(
+        index, [branch(s) for s in range(len(stages))], old_c, old_f
       )
+      sent = jnp.asarray(sent_by_stage, jnp.float32)[index]
     # A non-finite gradient (or decoded update) must not reach the residuals,
     # estimates or factors, where it would stay for good: the step is skipped.
     finite = jnp.all(
       jnp.stack(
-        [jnp.all(jnp.isfinite(x)) for x in [*leaves, *outs]] or [jnp.array(True)]
+        [jnp.all(jnp.isfinite(x)) for x in [*groups, *outs]] or [jnp.array(True)]
       )
     )
     if agree is not None:
       finite = agree(finite)
     outs = [jnp.where(finite, o, jnp.zeros_like(o)) for o in outs]
-    cstates = _keep_if(finite, cstates, old_c)
-    fstates = _keep_if(finite, fstates, old_f)
+    cgroups = _keep_if(finite, cgroups, old_c)
+    fgroups = _keep_if(finite, fgroups, old_f)
     total = sum(int(g.size) for g in leaves)
     if dense_bytes is None:
       dense = float(sum(int(g.size) * g.dtype.itemsize for g in leaves))
@@ -344,11 +417,12 @@ def staged_transform(
     new_state = CompressState(
       step=optax.safe_int32_increment(state.step),
       key=state.key,
-      compressor=jax.tree.unflatten(treedef, cstates),
-      feedback=jax.tree.unflatten(treedef, fstates),
+      compressor=Stacked.of(cgroups, layout),
+      feedback=Stacked.of(fgroups, layout),
       stats=stats,
     )
-    return jax.tree.unflatten(treedef, outs), new_state
+    new = layout.unstack(outs, leaves)  # empty leaves pass through
+    return jax.tree.unflatten(layout.treedef, new), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
