@@ -1,0 +1,137 @@
+"""Costs that must not grow with the number of leaves, counted exactly (issue 13).
+
+Counted on GPT-2-like trees of 148 leaves (12 blocks) and 436 (36 blocks) at a
+small width, so the counts are of the programs, not of the data: the number of
+state arrays, the lines of the lowered StableHLO, the instructions of the
+optimized HLO. Wall time is measured by ``benchmarks/many_leaves.py``, not here.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+import clipjax
+from clipjax import compression, distributed
+
+
+def gpt2_tree(blocks: int, d: int = 8) -> dict:
+  def ln():
+    return {"scale": jnp.ones(d), "bias": jnp.zeros(d)}
+
+  def dense(n_in, n_out):
+    return {"kernel": jnp.ones((n_in, n_out)), "bias": jnp.zeros(n_out)}
+
+  tree = {"wte": jnp.ones((50, d)), "wpe": jnp.ones((16, d))}
+  for i in range(blocks):
+    tree[f"h{i}"] = {
+      "ln_1": ln(),
+      "attn": {"qkv": dense(d, 3 * d), "proj": dense(d, d)},
+      "ln_2": ln(),
+      "mlp": {"fc": dense(d, 4 * d), "proj": dense(4 * d, d)},
+    }
+  tree["ln_f"] = ln()
+  return tree
+
+
+SMALL, LARGE = gpt2_tree(12), gpt2_tree(36)
+
+
+def test_the_trees_have_the_issues_leaf_counts():
+  assert len(jax.tree.leaves(SMALL)) == 148
+  assert len(jax.tree.leaves(LARGE)) == 436
+
+
+def _step(tx):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def lowered_lines(tx, params) -> int:
+  """Lines of the step's StableHLO (traced and lowered, not compiled)."""
+  return jax.jit(_step(tx)).lower(params, tx.init(params), params).as_text().count("\n")
+
+
+def hlo_instructions(tx, params) -> int:
+  """Instructions of the step's optimized HLO."""
+  text = jax.jit(_step(tx)).lower(params, tx.init(params), params).compile().as_text()
+  return sum(1 for line in text.splitlines() if re.match(r"\s+(ROOT )?%\S+ = ", line))
+
+
+COMPRESSORS = {
+  "top_k": lambda: clipjax.compress(compression.top_k(0.01)),
+  "top_k_sampled": lambda: clipjax.compress(
+    compression.top_k(0.01, selection="sampled")
+  ),
+  "random_k": lambda: clipjax.compress(compression.random_k(0.01)),
+  "sign": lambda: clipjax.compress(compression.sign()),
+  "qsgd": lambda: clipjax.compress(compression.qsgd()),
+  "terngrad": lambda: clipjax.compress(compression.terngrad(), feedback=None),
+  "natural": lambda: clipjax.compress(compression.natural()),
+  "cast": lambda: clipjax.compress(compression.cast(jnp.bfloat16)),
+  "powersgd": lambda: clipjax.compress(compression.powersgd(2)),
+  "ef21": lambda: clipjax.compress(compression.top_k(0.01), feedback="ef21"),
+  "dgc": lambda: clipjax.dgc(0.01, warmup_steps=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_compressors_state_and_program_do_not_grow_with_the_leaves(name):
+  make = COMPRESSORS[name]
+  small = len(jax.tree.leaves(make().init(SMALL)))
+  large = len(jax.tree.leaves(make().init(LARGE)))
+  assert small == large < 40, (small, large)
+  chain = lambda: optax.chain(make(), optax.sgd(0.1))
+  ratio = lowered_lines(chain(), LARGE) / lowered_lines(chain(), SMALL)
+  # 2.95x the leaves; the per-group pipeline is written once per shape.
+  assert ratio <= 2.5, ratio
+
+
+def test_compressed_mean_program_does_not_grow_with_the_leaves():
+  mesh = Mesh(jax.devices()[:8], ("data",))
+
+  def lines(params):
+    tx = distributed.compressed_mean(compression.top_k(0.01), "data")
+
+    @jax.shard_map(mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    def step(grads):
+      grads = jax.tree.map(lambda g: g[0], grads)
+      update, _ = tx.update(grads, tx.init(grads))
+      return jax.tree.map(lambda u: u[None], update)
+
+    stacked = jax.tree.map(lambda x: jnp.stack([x] * 8), params)
+    return jax.jit(step).lower(stacked).as_text().count("\n")
+
+  assert lines(LARGE) / lines(SMALL) <= 2.5
+
+
+def test_clip_by_global_norm_compiles_to_at_most_1_5x_optaxs_instructions():
+  ours = hlo_instructions(
+    optax.chain(clipjax.clip_by_global_norm(1.0), optax.sgd(0.1)), SMALL
+  )
+  theirs = hlo_instructions(
+    optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)), SMALL
+  )
+  assert ours <= 1.5 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: clipjax.clip_by_global_norm(1.0),
+    lambda: clipjax.autoclip(),
+    lambda: clipjax.zclip(),
+    lambda: clipjax.skip_and_clip(1.0, 10.0),
+  ],
+  ids=["clip_by_global_norm", "autoclip", "zclip", "skip_and_clip"],
+)
+def test_whole_tree_clippers_state_does_not_grow_with_the_leaves(make):
+  small = len(jax.tree.leaves(make().init(SMALL)))
+  assert small == len(jax.tree.leaves(make().init(LARGE))) <= 12
