@@ -202,10 +202,54 @@ def total_norm(pairs: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
   return finish_norms(s, s2)
 
 
+def _magnitudes(x: jax.Array, acc: np.dtype) -> jax.Array:
+  """``x`` flattened in ``acc``: its entries, or for complex ``x`` its moduli."""
+  if jnp.iscomplexobj(x):
+    return jnp.abs(x).astype(acc).reshape(-1)
+  return x.astype(acc).reshape(-1)
+
+
+def _scaled_norms(
+  leaves: Sequence[jax.Array], axes: Sequence[Axes], sums: Sequence[jax.Array]
+) -> list[jax.Array]:
+  """Block norms computed as ``sqrt(sum((x * 2**-k)**2)) * 2**k`` (:func:`_shift`).
+
+  The overflow path of :func:`block_norms`: the scaled squares cannot
+  overflow, and what they lose to underflow (elements below ``2**17`` for
+  float32) weighs nothing beside a sum that overflowed. Blocks whose plain
+  ``sums`` are finite keep ``sqrt(sums)``. The leaves of one shape, dtype and
+  block axes are stacked and reduced at once, so this rarely taken branch
+  costs the program a few ops per group, not per leaf.
+  """
+  groups: dict[Any, list[int]] = {}
+  for i, (x, a) in enumerate(zip(leaves, axes, strict=True)):
+    groups.setdefault((x.shape, jnp.dtype(x.dtype), a), []).append(i)
+  out: list[Any] = [None] * len(leaves)
+  for (_, dtype, a), idx in groups.items():
+    acc = accumulation_dtype(dtype)
+    k = _shift(acc)
+    # Behind a barrier, the factor is no constant that XLA could fold into
+    # (x * f)**2 = x**2 * f**2, where f**2 underflows to 0 and x**2 overflows.
+    down = lax.optimization_barrier(jnp.asarray(2.0**-k, acc))
+    stacked = jnp.stack([leaves[i] for i in idx])
+    dims = tuple(range(1, stacked.ndim)) if a is None else tuple(d + 1 for d in a)
+    scaled = jnp.sqrt(jnp.sum(_squares(stacked, acc, down), axis=dims))
+    scaled = scaled * np.asarray(2.0**k, acc)
+    for j, i in enumerate(idx):
+      plain = sums[i]
+      out[i] = jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), scaled[j])
+  return out
+
+
 def block_norms(
   leaves: Sequence[jax.Array], axes: Sequence[Axes], *, combine: bool = False
 ) -> list[jax.Array]:
   """L2 norms of the blocks of each leaf: ``leaf`` reduced over ``axes[i]``.
+
+  Each block's sum of squares is one plain reduction (as fast as optax's);
+  if any overflows, one ``lax.cond`` recomputes every norm rescaled by its
+  largest magnitude, once per group of leaves of one shape (so the rarely
+  taken branch does not duplicate the tree's graph leaf by leaf).
 
   Args:
     leaves: the arrays.
@@ -219,10 +263,50 @@ def block_norms(
     A list of norms in each leaf's accumulation dtype (one entry if
     ``combine``).
   """
-  pairs = [block_sums(x, a) for x, a in zip(leaves, axes, strict=True)]
+  if not leaves:
+    return [jnp.zeros((), jnp.float32)] if combine else []
+  axes = [
+    None
+    if a is None
+    else tuple(sorted({d % max(x.ndim, 1) for d in a}))
+    if not isinstance(a, int)
+    else (a % x.ndim,)
+    for x, a in zip(leaves, axes, strict=True)
+  ]
+  accs = [accumulation_dtype(x.dtype) for x in leaves]
+  sums = [
+    jnp.sum(_squares(x, acc), axis=a)
+    for x, a, acc in zip(leaves, axes, accs, strict=True)
+  ]
+  leaf_sums = sums
   if combine:
-    return [total_norm(pairs)]
-  return [finish_norms(*p) for p in pairs]
+    wide = widest_accumulation_dtype(leaves)
+    # Stacked and summed at once: one op however many leaves there are.
+    sums = [jnp.sum(jnp.stack([s.astype(wide) for s in sums]), axis=0)]
+    flags = [jnp.any(jnp.isposinf(sums[0]))]
+  else:
+    flags = [jnp.any(jnp.isposinf(s)) for s in sums]
+  overflow = flags[0] if len(flags) == 1 else jnp.any(jnp.stack(flags))
+
+  def plain(operands):
+    # Compiled, XLA would rewrite sqrt(x * x) of a one-element block as |x|,
+    # which differs from the eager result where x * x underflows; the barrier
+    # keeps jit and eager alike.
+    return [jnp.sqrt(s) for s in lax.optimization_barrier(operands[0])]
+
+  def rescaled(operands):
+    sums, leaf_sums = operands
+    if not combine:
+      return _scaled_norms(leaves, axes, leaf_sums)
+    dtype = sums[0].dtype
+    if all(a is None for a in axes):
+      # One vector of every element: one reduction, cheap to compile.
+      flat = jnp.concatenate([_magnitudes(x, dtype) for x in leaves])
+      return _scaled_norms([flat], [None], [jnp.full((), jnp.inf, dtype)])
+    norms = _scaled_norms(leaves, axes, leaf_sums)
+    return [combine_norms([n.astype(dtype) for n in norms])]
+
+  return lax.cond(overflow, rescaled, plain, (sums, leaf_sums))
 
 
 def mesh_axes(axis_name: Any) -> tuple[Any, ...]:
