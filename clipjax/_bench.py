@@ -26,6 +26,20 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
   "adaptive_overhead.py": (["--reps", "30"], []),
   "compressors.py": (["--reps", "15"], []),
   "per_example.py": (["--models", "mlp-512", "--reps", "15", "--row-seconds", "8"], []),
+  # Quick: 148 leaves at width 64 and one case per family; full: every case at
+  # 148 and 436 leaves, widths 64 and 768 (about an hour on 2 cores).
+  "many_leaves.py": (
+    [
+      "--quick",
+      "--reps",
+      "10",
+      "--only",
+      "clip_by_global_norm(1.0)",
+      "zclip()",
+      "compress(top_k(0.01))",
+    ],
+    [],
+  ),
 }
 
 
@@ -141,11 +155,39 @@ def _rows_per_example(data: dict[str, Any]) -> list[dict[str, Any]]:
   return rows
 
 
+def _rows_many_leaves(data: dict[str, Any]) -> list[dict[str, Any]]:
+  rows = []
+  for r in data["rows"]:
+    where = f"{r['leaves']} leaves, width {r['width']}"
+    rows.append(
+      {
+        "benchmark": "many_leaves",
+        "case": f"{r['case']} step, {where}, {r['state_arrays']} state arrays",
+        "ms": r["ms"],
+        "baseline": r["baseline"],
+        "baseline_ms": r["baseline_ms"],
+        "ratio": r["ratio"],
+      }
+    )
+    rows.append(
+      {
+        "benchmark": "many_leaves",
+        "case": f"{r['case']} trace+compile, {where}",
+        "ms": r["compile_s"] * 1e3,
+        "baseline": r["baseline"],
+        "baseline_ms": r["baseline_compile_s"] * 1e3,
+        "ratio": r["compile_ratio"],
+      }
+    )
+  return rows
+
+
 PARSERS: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
   "clip_overhead.py": _rows_clip,
   "adaptive_overhead.py": _rows_adaptive,
   "compressors.py": _rows_compressors,
   "per_example.py": _rows_per_example,
+  "many_leaves.py": _rows_many_leaves,
 }
 
 

@@ -82,3 +82,32 @@ def test_missing_benchmarks_folder_is_a_clear_error(tmp_path, capsys):
     cli.main(["bench", "--benchmarks", str(tmp_path)])
   assert exit_info.value.code == 1
   assert "no benchmarks in" in capsys.readouterr().err
+
+
+def test_many_leaves_rows_give_step_and_compile_ratios():
+  data = {
+    "rows": [
+      {
+        "case": "zclip()",
+        "leaves": 148,
+        "width": 64,
+        "state_arrays": 11,
+        "baseline": "optax.clip_by_global_norm",
+        "ms": 3.0,
+        "baseline_ms": 2.0,
+        "ratio": 1.5,
+        "compile_s": 1.0,
+        "baseline_compile_s": 0.5,
+        "compile_ratio": 2.0,
+      }
+    ]
+  }
+  step, compile_ = _bench.PARSERS["many_leaves.py"](data)
+  assert step["case"] == "zclip() step, 148 leaves, width 64, 11 state arrays"
+  assert (step["ms"], step["ratio"]) == (3.0, 1.5)
+  assert compile_["case"] == "zclip() trace+compile, 148 leaves, width 64"
+  assert (compile_["ms"], compile_["baseline_ms"], compile_["ratio"]) == (
+    1000.0,
+    500.0,
+    2.0,
+  )
