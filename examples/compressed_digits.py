@@ -22,7 +22,7 @@ What to expect with the defaults (30 epochs, measured on a 2-core CPU in about
 feedback 0.969 while sending 49.5x fewer bytes, sign with error feedback 0.972
 at 31.8x, PowerSGD rank 2 with error feedback 0.972 at 18.2x, DGC 0.967 at
 49.5x; unbiased random-k without feedback (variance 99 times the gradient's)
-only 0.62. (On leaves this small, ``selection="sampled"`` falls back to exact
+only 0.72. (On leaves this small, ``selection="sampled"`` falls back to exact
 top-k: its sample would be larger than the leaf.)
 
 The file is not named ``compression.py``: run as a script, that name would
