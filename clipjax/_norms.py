@@ -113,68 +113,6 @@ def _shift(acc: np.dtype) -> int:
   return int(jnp.finfo(acc).maxexp) // 2 + 16
 
 
-def block_sums(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
-  """``sum(|x|**2)`` and ``sum(|x * 2**-k|**2)`` over ``axes``, in one pass over ``x``.
-
-  The pair is what :func:`finish_norms` turns into an overflow-safe norm: the
-  first sum is exact unless it overflows; the second, the same sum scaled by
-  ``2**-2k`` (:func:`_shift`), cannot overflow for finite ``x`` (up to
-  ``2**32`` elements), and where the first overflowed (a total above
-  ``2**128`` in float32) the terms it loses to underflow (elements below
-  ``2**17``) weigh less than ``2**-60`` of it. One variadic reduction computes
-  both, so ``x`` is read once and no ``cond`` duplicates the graph for the
-  rare overflow.
-  """
-  acc = accumulation_dtype(x.dtype)
-  # Behind a barrier, the factor is no constant that XLA could fold into
-  # (x * f)**2 = x**2 * f**2, where f**2 underflows to 0 and x**2 overflows.
-  factor = lax.optimization_barrier(jnp.asarray(2.0 ** -_shift(acc), acc))
-  operands = (_squares(x, acc), _squares(x, acc, factor))
-  if axes is None:
-    dims = tuple(range(x.ndim))
-  else:
-    dims = tuple(
-      sorted({a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes)})
-    )
-  zero = jnp.zeros((), acc)
-
-  def add(u, v):
-    return u[0] + v[0], u[1] + v[1]
-
-  return lax.reduce(operands, (zero, zero), add, dims)
-
-
-def finish_norms(sums: jax.Array, scaled: jax.Array) -> jax.Array:
-  """The norms ``sqrt(sums)``, from ``scaled`` where ``sums`` overflowed.
-
-  ``sums`` and ``scaled`` come from :func:`block_sums` (or are sums of its
-  results, in one dtype); an infinite element of the input makes both
-  infinite, a NaN both NaN, so the norm is inf or NaN as it should be.
-  """
-  k = _shift(sums.dtype)
-  up = np.asarray(2.0**k, sums.dtype)
-  # Compiled, XLA would rewrite sqrt(x * x) of a one-element block as |x|,
-  # which differs from the eager result where x * x underflows; the barrier
-  # keeps jit and eager alike.
-  sums, scaled = lax.optimization_barrier((sums, scaled))
-  return jnp.where(jnp.isfinite(sums), jnp.sqrt(sums), jnp.sqrt(scaled) * up)
-
-
-def _to_dtype(
-  pair: tuple[jax.Array, jax.Array], dtype: np.dtype
-) -> tuple[jax.Array, jax.Array]:
-  """A :func:`block_sums` pair re-expressed in a wider accumulation dtype."""
-  s, s2 = pair
-  if s.dtype == dtype:
-    return s, s2
-  k_from, k_to = _shift(s.dtype), _shift(dtype)
-  exact = jnp.where(
-    jnp.isfinite(s), s.astype(dtype), s2.astype(dtype) * np.asarray(4.0**k_from, dtype)
-  )
-  down = np.asarray(2.0**-k_to, dtype)  # twice: 2**-2k alone is subnormal
-  return exact, exact * down * down
-
-
 def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
   """sqrt(sum(n**2)) over a sequence of same-shape norms, without overflow."""
   stacked = jnp.stack(norms)
@@ -182,24 +120,6 @@ def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
   down1, down2, up1, up2 = _pow2_factors(m)
   scaled = jnp.sqrt(jnp.sum(jnp.square(stacked * down1 * down2), axis=0))
   return jnp.where(jnp.isposinf(m), m, scaled * up1 * up2)
-
-
-def total_norm(pairs: Sequence[tuple[jax.Array, jax.Array]]) -> jax.Array:
-  """The norm of everything the :func:`block_sums` pairs sum, over all of them.
-
-  The pairs' blocks must have one shape (scalars for a global norm, ``(B,)``
-  for per-example norms); the result is in their widest dtype.
-  """
-  if not pairs:
-    return jnp.zeros((), jnp.float32)
-  wide = max((p[0].dtype for p in pairs), key=lambda d: jnp.finfo(d).bits)
-  pairs = [_to_dtype(p, wide) for p in pairs]
-  if len(pairs) == 1:
-    return finish_norms(*pairs[0])
-  # Stacked and summed at once: one op however many leaves there are.
-  s = jnp.sum(jnp.stack([p[0] for p in pairs]), axis=0)
-  s2 = jnp.sum(jnp.stack([p[1] for p in pairs]), axis=0)
-  return finish_norms(s, s2)
 
 
 def _magnitudes(x: jax.Array, acc: np.dtype) -> jax.Array:
