@@ -3,9 +3,9 @@
 Three rules hold here so that every clipper inherits them:
 
 - norms accumulate in float32 (float64 for float64 input), and a sum of squares
-  that overflows even there is recomputed rescaled by the largest magnitude, so
-  a finite tree always has a finite norm unless the norm itself exceeds the
-  accumulation dtype's range;
+  that overflows even there is recomputed from squares scaled by a power of
+  two, so a finite tree always has a finite norm unless the norm itself
+  exceeds the accumulation dtype's range;
 - the scale factor ``min(1, bound / norm)`` is exactly 1 when the norm does not
   exceed the bound, so a zero norm never produces NaN, also for a zero bound;
 - each leaf keeps its dtype; half-precision leaves are scaled in float32 and
@@ -167,9 +167,10 @@ def block_norms(
   """L2 norms of the blocks of each leaf: ``leaf`` reduced over ``axes[i]``.
 
   Each block's sum of squares is one plain reduction (as fast as optax's);
-  if any overflows, one ``lax.cond`` recomputes every norm rescaled by its
-  largest magnitude, once per group of leaves of one shape (so the rarely
-  taken branch does not duplicate the tree's graph leaf by leaf).
+  if any overflows, one ``lax.cond`` recomputes the norms from squares scaled
+  by ``2**-k`` (:func:`_scaled_norms`), once per group of leaves of one shape,
+  or over one concatenated vector for a global norm, so the rarely taken
+  branch does not duplicate the tree's graph leaf by leaf.
 
   Args:
     leaves: the arrays.
@@ -186,12 +187,7 @@ def block_norms(
   if not leaves:
     return [jnp.zeros((), jnp.float32)] if combine else []
   axes = [
-    None
-    if a is None
-    else tuple(sorted({d % max(x.ndim, 1) for d in a}))
-    if not isinstance(a, int)
-    else (a % x.ndim,)
-    for x, a in zip(leaves, axes, strict=True)
+    normalize_axes("block_norms", x, a) for x, a in zip(leaves, axes, strict=True)
   ]
   accs = [accumulation_dtype(x.dtype) for x in leaves]
   sums = [
