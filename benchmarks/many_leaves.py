@@ -118,6 +118,11 @@ def chain(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   return optax.chain(tx, optax.sgd(SGD))
 
 
+def against_gnc(family: str, make: Callable[[], Any]) -> tuple:
+  """A case whose baseline is ``optax.clip_by_global_norm`` + the same SGD."""
+  return (family, make, optax_gnc, "optax.clip_by_global_norm")
+
+
 # name -> (family, clipjax chain, baseline chain, baseline's name). The per-
 # example clips and compressed_mean have their own steps, below.
 Case = tuple[str, Callable[[], Any], Callable[[], Any], str]
@@ -128,11 +133,8 @@ CASES: dict[str, Case] = {
     lambda: chain(optax.clip(0.1)),
     "optax.clip",
   ),
-  "clip_by_global_norm(1.0)": (
-    "drop-in",
-    lambda: chain(clipjax.clip_by_global_norm(1.0)),
-    optax_gnc,
-    "optax.clip_by_global_norm",
+  "clip_by_global_norm(1.0)": against_gnc(
+    "drop-in", lambda: chain(clipjax.clip_by_global_norm(1.0))
   ),
   "clip_by_block_rms(0.1)": (
     "drop-in",
@@ -146,61 +148,23 @@ CASES: dict[str, Case] = {
     lambda: chain(optax.adaptive_grad_clip(0.1)),
     "optax.adaptive_grad_clip",
   ),
-  "clip_by_norm(1.0)": (
-    "clipper",
-    lambda: chain(clipjax.clip_by_norm(1.0)),
-    optax_gnc,
-    "optax.clip_by_global_norm",
-  ),
-  "clip_by_group_norm(1.0)": (
+  "clip_by_norm(1.0)": against_gnc("clipper", lambda: chain(clipjax.clip_by_norm(1.0))),
+  "clip_by_group_norm(1.0)": against_gnc(
     "clipper",
     lambda: chain(
       clipjax.clip_by_group_norm(1.0, lambda t: jax.tree.map(lambda x: x.ndim, t))
     ),
-    optax_gnc,
-    "optax.clip_by_global_norm",
   ),
-  "autoclip()": (
-    "clipper",
-    lambda: chain(clipjax.autoclip()),
-    optax_gnc,
-    "optax.clip_by_global_norm",
+  "autoclip()": against_gnc("clipper", lambda: chain(clipjax.autoclip())),
+  "zclip()": against_gnc("clipper", lambda: chain(clipjax.zclip())),
+  "skip_and_clip(1.0, 1e12)": against_gnc(
+    "clipper", lambda: chain(clipjax.skip_and_clip(1.0, 1e12))
   ),
-  "zclip()": (
-    "clipper",
-    lambda: chain(clipjax.zclip()),
-    optax_gnc,
-    "optax.clip_by_global_norm",
-  ),
-  "skip_and_clip(1.0, 1e12)": (
-    "clipper",
-    lambda: chain(clipjax.skip_and_clip(1.0, 1e12)),
-    optax_gnc,
-    "optax.clip_by_global_norm",
-  ),
-  "adagc()": (
-    "clipper",
-    lambda: chain(clipjax.adagc()),
-    optax_gnc,
-    "optax.clip_by_global_norm",
-  ),
-  "quantile_clip()": (
-    "clipper",
-    lambda: chain(clipjax.quantile_clip()),
-    optax_gnc,
-    "optax.clip_by_global_norm",
-  ),
-  "spam_clip()": (
-    "clipper",
-    lambda: chain(clipjax.spam_clip()),
-    optax_gnc,
-    "optax.clip_by_global_norm",
-  ),
-  "clippy()": (
-    "clipper",
-    lambda: optax.chain(optax.sgd(SGD), clipjax.clippy()),
-    optax_gnc,
-    "optax.clip_by_global_norm",
+  "adagc()": against_gnc("clipper", lambda: chain(clipjax.adagc())),
+  "quantile_clip()": against_gnc("clipper", lambda: chain(clipjax.quantile_clip())),
+  "spam_clip()": against_gnc("clipper", lambda: chain(clipjax.spam_clip())),
+  "clippy()": against_gnc(
+    "clipper", lambda: optax.chain(optax.sgd(SGD), clipjax.clippy())
   ),
 }
 COMPRESSORS: dict[str, Callable[[], Any]] = {
@@ -215,18 +179,10 @@ COMPRESSORS: dict[str, Callable[[], Any]] = {
   "powersgd(2)": lambda: compression.powersgd(2),
 }
 for _name, _make in COMPRESSORS.items():
-  CASES[f"compress({_name})"] = (
-    "compressor",
-    lambda _make=_make: chain(clipjax.compress(_make())),
-    optax_gnc,
-    "optax.clip_by_global_norm",
+  CASES[f"compress({_name})"] = against_gnc(
+    "compressor", lambda _make=_make: chain(clipjax.compress(_make()))
   )
-CASES["dgc(0.01)"] = (
-  "compressor",
-  lambda: chain(clipjax.dgc(0.01)),
-  optax_gnc,
-  "optax.clip_by_global_norm",
-)
+CASES["dgc(0.01)"] = against_gnc("compressor", lambda: chain(clipjax.dgc(0.01)))
 PER_EXAMPLE = {
   "per_example_global_norm_clip": (
     lambda g: clipjax.per_example_global_norm_clip(g, 1.0),
