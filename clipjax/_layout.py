@@ -128,7 +128,6 @@ class Stacked:
   Attributes:
     groups: one tree per group of ``layout``, stacked along axis 0.
     layout: the :class:`Layout` (static).
-    empty: the per-leaf value of the layout's empty leaves (static).
     ranks: for each group, the per-leaf rank of each of its arrays (static),
       so that a leading axis added outside (``s[None]`` for a per-device
       state) does not hide the group axis.
@@ -145,17 +144,17 @@ class Stacked:
 
   groups: list[Any]
   layout: Layout
-  empty: Any = ()
   ranks: tuple[Any, ...] = ()
 
   @staticmethod
-  def of(groups: list[Any], layout: Layout, empty: Any = ()) -> "Stacked":
+  def of(groups: list[Any], layout: Layout) -> "Stacked":
     """Stacked groups that remember each array's per-leaf rank (static)."""
     ranks = tuple(tuple(np.ndim(a) - 1 for a in jax.tree.leaves(g)) for g in groups)
-    return Stacked(groups, layout, empty, ranks)
+    return Stacked(groups, layout, ranks)
 
   def leaves(self) -> list[Any]:
-    fill = [self.empty] * len(self.layout.shapes)
+    """Each leaf's values; ``()`` for the layout's empty leaves, which hold none."""
+    fill = [()] * len(self.layout.shapes)
     return self.layout.unstack(self.groups, fill, self.ranks)
 
   def tree(self) -> Any:
@@ -167,7 +166,7 @@ class Stacked:
 
 
 jax.tree_util.register_dataclass(
-  Stacked, data_fields=["groups"], meta_fields=["layout", "empty", "ranks"]
+  Stacked, data_fields=["groups"], meta_fields=["layout", "ranks"]
 )
 
 

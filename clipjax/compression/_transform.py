@@ -363,13 +363,9 @@ def staged_transform(
     transports = [None if exchange is None else exchange(c) for c in stages]
 
     def branch(s):
-      def run(cs, fs):
-        outs, cs, fs, missing = _run_stage(
-          stages[s], feedback, layout, groups, cs, fs, keys, transports[s]
-        )
-        return outs, cs, fs, missing
-
-      return run
+      return lambda cs, fs: _run_stage(
+        stages[s], feedback, layout, groups, cs, fs, keys, transports[s]
+      )
 
     old_c, old_f = state.compressor.groups, state.feedback.groups
     sent_by_stage = [
