@@ -19,7 +19,7 @@ The state of each clipper is a :class:`~clipjax.ClipStats` instead of optax's
 """
 
 import functools
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +29,7 @@ import optax
 
 from clipjax import _norms
 from clipjax._checks import MANY_BOUNDS, check_bound, shown
+from clipjax._layout import Stacked
 from clipjax._stats import ClipStats, make_stats, with_stats
 
 # A global, per-leaf or per-slice bound is one scalar; what to use instead.
@@ -64,49 +65,122 @@ def _clip_blocks(
   name: str,
   updates: Any,
   axes_of: Callable[[jax.Array], _norms.Axes],
-  bounds_of: Callable[[list[jax.Array]], list[Any]],
-  measure: Callable[[jax.Array, jax.Array, _norms.Axes], jax.Array] | None = None,
+  bound: jax.typing.ArrayLike | None,
+  *,
+  divisor: Callable[[jax.Array], float] | None = None,
+  bound_of: Callable[[jax.Array], jax.Array] | None = None,
   companions: list[jax.Array] | None = None,
 ) -> tuple[Any, ClipStats]:
   """Clips each block of each leaf to its bound: the shared per-block path.
+
+  Each leaf's scale factor is computed from its own sums of squares
+  (:func:`_norms.block_sums`), so that XLA fuses it with the scaling as it
+  does optax's; the statistics apply the same formulas to the sums stacked,
+  one vector per shape of block (:class:`StackedStats`), so that neither the
+  program nor the state grows by more than a few ops per leaf.
 
   Args:
     name: the clipper's name, for errors and statistics.
     updates: the update tree.
     axes_of: the axes one block of a leaf spans.
-    bounds_of: given the block norms of ``companions``, the bound of each leaf
-      (scalar or per block).
-    measure: maps ``(norm, leaf, axes)`` to the size compared with the bound
-      (default: the L2 norm itself).
-    companions: arrays, one per leaf (e.g. the params), whose block norms the
-      bounds depend on. They are computed in the same pass as the updates'
-      norms, so the overflow check runs once.
+    bound: the bound of every block (a scalar), or None with ``bound_of``.
+    divisor: maps a leaf to the number its block norms are divided by before
+      they are compared with the bound (e.g. ``sqrt(size)`` for the RMS).
+    bound_of: maps the block norms of a companion (per leaf, or stacked) to
+      the bounds of the update's blocks.
+    companions: arrays of the updates' shapes, one per leaf (e.g. the params),
+      whose block norms give the bounds; their sums are taken with the
+      updates', so that the overflow check runs once.
   """
   _norms.check_float_leaves(name, updates)
   leaves, treedef = jax.tree.flatten(updates)
   companions = companions or []
+  n = len(leaves)
   axes = [axes_of(x) for x in leaves]
-  all_norms = _norms.block_norms(
-    [*leaves, *companions], [*axes, *(axes_of(c) for c in companions)]
-  )
-  norms, companion_norms = all_norms[: len(leaves)], all_norms[len(leaves) :]
-  if measure is not None:
-    norms = [measure(n, x, a) for n, x, a in zip(norms, leaves, axes, strict=True)]
-  bounds = bounds_of(companion_norms)
-  scales = [_norms.clip_scale(n, b) for n, b in zip(norms, bounds, strict=True)]
-  new = [
-    _norms.scale_leaf(x, _norms.keepdims(s, x, a))
-    for x, s, a in zip(leaves, scales, axes, strict=True)
-  ]
-  unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
+  all_norms = _norms.block_norms([*leaves, *companions], axes + axes[: len(companions)])
+  fields = StackedStats(leaves, axes, treedef)
+  safe = None if bound_of is not None else _norms.safe_bound(bound, jnp.float32)
+
+  def clip(norm, divisor, companion):
+    """Measures, bounds and scales of blocks: one leaf's, or stacked."""
+    if divisor is not None:
+      norm = norm / divisor
+    if bound_of is None:
+      return norm, safe, _norms.clip_scale(norm, safe, checked=True)
+    bound = bound_of(companion)
+    return norm, bound, _norms.clip_scale(norm, bound)
+
+  new = []
+  for i, x in enumerate(leaves):
+    d = None if divisor is None else np.asarray(divisor(x), all_norms[i].dtype)
+    _, _, scale = clip(all_norms[i], d, all_norms[n + i] if companions else None)
+    new.append(_norms.scale_leaf(x, _norms.keepdims(scale, x, axes[i])))
+  # The statistics: the same formulas, on the norms stacked.
+  groups = len(fields.layout.groups)
+  g_divisor = [None] * groups if divisor is None else fields.per_row(divisor)
+  g_companion = fields.stack(all_norms[n:]) if companions else [None] * groups
+  per_group = zip(fields.stack(all_norms[:n]), g_divisor, g_companion, strict=True)
+  results = [clip(*args) for args in per_group]
+  norms, bounds, scales = ([r[k] for r in results] for k in range(3))
+  if bound_of is None:
+    bounds = [jnp.broadcast_to(safe, s.shape) for s in scales]
   stats = make_stats(
     name,
-    unflatten(norms),
-    unflatten(scales),
-    unflatten(bounds),
-    fraction_true([s < 1 for s in scales]),
+    fields.wrap(norms),
+    fields.wrap(scales),
+    fields.wrap(bounds),
+    fields.fraction_below_one(scales),
   )
-  return unflatten(new), stats
+  return jax.tree.unflatten(treedef, new), stats
+
+
+class StackedStats:
+  """Per-leaf block values stacked into a :class:`Stacked`, for the statistics.
+
+  One array per shape of block and accumulation dtype
+  (:func:`_norms.block_layout`), reading as a tree like the updates; for an
+  update that is a single array, that array.
+  """
+
+  def __init__(self, leaves: list[jax.Array], axes: list[_norms.Axes], treedef: Any):
+    self.leaves = leaves
+    self.layout = _norms.block_layout(leaves, axes, treedef)
+    self.treedef = treedef
+    self.blocks = sum(int(np.prod(s, dtype=np.int64)) for s in self.layout.shapes)
+
+  def stack(self, values: Sequence[Any]) -> list[jax.Array]:
+    """One array per group: its leaves' ``values`` stacked, in its dtype."""
+    return [
+      jnp.stack(
+        [jnp.asarray(values[i]).astype(self.layout.group_dtype(g)) for i in idx]
+      )
+      for g, idx in enumerate(self.layout.groups)
+    ]
+
+  def per_row(self, fn: Callable[[jax.Array], float]) -> list[np.ndarray]:
+    """``fn`` of each leaf, as a constant that broadcasts along each group's rows."""
+    out = []
+    for g, idx in enumerate(self.layout.groups):
+      rank = len(self.layout.group_shape(g))
+      values = np.asarray([fn(self.leaves[i]) for i in idx], self.layout.group_dtype(g))
+      out.append(values.reshape((-1,) + (1,) * rank))
+    return out
+
+  def wrap(self, groups: list[jax.Array]) -> Any:
+    """Stacked groups as a :class:`Stacked` (for one array, that array)."""
+    if self.treedef == _ONE_ARRAY:
+      return jax.tree.unflatten(self.treedef, [groups[0][0]])
+    return Stacked.of(groups, self.layout)
+
+  def fraction_below_one(self, scales: list[jax.Array]) -> jax.Array:
+    """The fraction of blocks whose scale is below 1 (0 for no blocks)."""
+    if not self.blocks:
+      return jnp.zeros((), jnp.float32)
+    counts = [jnp.sum(s < 1, dtype=jnp.float32) for s in scales]
+    return functools.reduce(jnp.add, counts) / self.blocks
+
+
+_ONE_ARRAY = jax.tree.structure(0)
 
 
 def clip(
@@ -203,17 +277,20 @@ def clip(
     peaks, counts, scales = [], [], []
     for x, d in zip(leaves, deltas, strict=True):
       peak, count = _norms.peak_and_count(x, d)
-      peaks.append(peak.astype(jnp.float32))
+      peaks.append(peak)
       counts.append(count.astype(jnp.float32))
-      scales.append(smallest_factor(x, peaks[-1], d, delta))
+      scales.append(smallest_factor(x, peak, d, delta))
     total = sum(int(x.size) for x in leaves)
     if total:
-      fraction = functools.reduce(jnp.add, counts) / total
+      fraction = jnp.sum(jnp.stack(counts)) / total
     else:
       fraction = jnp.zeros((), jnp.float32)
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    stats = make_stats("clip", unflatten(peaks), unflatten(scales), delta, fraction)
-    return unflatten(new), stats
+    fields = StackedStats(leaves, [None] * len(leaves), treedef)
+    peaks = fields.wrap(fields.stack(peaks))
+    stats = make_stats(
+      "clip", peaks, fields.wrap(fields.stack(scales)), delta, fraction
+    )
+    return jax.tree.unflatten(treedef, new), stats
 
   return with_stats(apply)
 
@@ -323,7 +400,7 @@ def clip_by_norm(
       "clip_by_norm",
       updates,
       lambda x: _norms.normalize_axes("clip_by_norm", x, axis),
-      lambda _: [max_norm] * len(jax.tree.leaves(updates)),
+      max_norm,
     )
 
   return with_stats(apply)
@@ -351,18 +428,14 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike) -> optax.GradientTransfor
   """
   check_bound("clip_by_block_rms", "threshold", threshold, hint=_BLOCK_HINT)
 
-  def rms(norm, x, axes):
-    del axes
-    return norm / np.sqrt(max(x.size, 1)).astype(norm.dtype)
-
   def apply(updates, params):
     del params
     return _clip_blocks(
       "clip_by_block_rms",
       updates,
       lambda x: None,
-      lambda _: [threshold] * len(jax.tree.leaves(updates)),
-      rms,
+      threshold,
+      divisor=lambda x: np.sqrt(max(x.size, 1)),
     )
 
   return with_stats(apply)
@@ -565,16 +638,26 @@ def adaptive_grad_clip(
 
   def apply(updates, params):
     require_params(call, params)
+    p_leaves = jax.tree.structure(updates).flatten_up_to(params)  # type: ignore[attr-defined]
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    for (path, u), p in zip(flat, p_leaves, strict=True):
+      if np.shape(p) != np.shape(u):
+        raise ValueError(
+          f"{call}: the params must have the updates' shapes; leaf"
+          f" {jax.tree_util.keystr(path) or '(the only one)'} has shape"
+          f" {np.shape(u)} in the updates and {np.shape(p)} in the params."
+        )
 
-    def bounds_of(p_norms):
-      return [clipping * jnp.maximum(n, jnp.asarray(eps, n.dtype)) for n in p_norms]
+    def bound_of(p_norms):
+      return clipping * jnp.maximum(p_norms, jnp.asarray(eps, p_norms.dtype))
 
     return _clip_blocks(
       call,
       updates,
       lambda x: _norms.unit_axes(x, axis),
-      bounds_of,
-      companions=jax.tree.structure(updates).flatten_up_to(params),  # type: ignore[attr-defined]
+      None,
+      bound_of=bound_of,
+      companions=p_leaves,
     )
 
   return with_stats(apply)

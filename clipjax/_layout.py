@@ -34,7 +34,7 @@ class Layout:
     dtypes: each leaf's dtype (as a string, so the layout is hashable).
     groups: for each group, the indices of its leaves: the non-empty leaves
       of one shape and dtype, in order of first appearance. Empty leaves
-      belong to no group.
+      belong to no group (unless the layout was made with ``keep_empty``).
   """
 
   treedef: Any
@@ -43,8 +43,11 @@ class Layout:
   groups: tuple[tuple[int, ...], ...]
 
   @staticmethod
-  def of(tree: Any) -> "Layout":
+  def of(tree: Any, *, keep_empty: bool = False) -> "Layout":
     """The layout of ``tree`` (arrays or ``jax.ShapeDtypeStruct``s).
+
+    Empty leaves join no group unless ``keep_empty`` (kernels cannot run on
+    them; a stacked ``(k, 0)`` vector of statistics can hold them).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -58,7 +61,7 @@ class Layout:
     dtypes = tuple(str(jnp.result_type(x)) for x in leaves)
     by_key: dict[tuple[Any, str], list[int]] = {}
     for i, (shape, dtype) in enumerate(zip(shapes, dtypes, strict=True)):
-      if int(np.prod(shape, dtype=np.int64)) > 0:
+      if keep_empty or int(np.prod(shape, dtype=np.int64)) > 0:
         by_key.setdefault((shape, dtype), []).append(i)
     groups = tuple(tuple(idx) for idx in by_key.values())
     return Layout(treedef, shapes, dtypes, groups)
@@ -163,6 +166,9 @@ class Stacked:
 
   def __getitem__(self, key: Any) -> Any:
     return self.tree()[key]
+
+  def __repr__(self) -> str:
+    return f"Stacked({self.tree()!r})"
 
 
 jax.tree_util.register_dataclass(

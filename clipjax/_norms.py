@@ -11,7 +11,8 @@ Three rules hold here so that every clipper inherits them:
 - each leaf keeps its dtype; half-precision leaves are scaled in float32 and
   rounded once.
 
-This module imports nothing else of clipjax.
+This module imports nothing else of clipjax but ``_layout`` (the static
+layout of a tree, which imports nothing).
 """
 
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from clipjax._layout import Layout
 
 Axes = int | tuple[int, ...] | None
 AxisSpec = Axes | Callable[[jax.Array], Axes]
@@ -113,9 +116,13 @@ def _shift(acc: np.dtype) -> int:
   return int(jnp.finfo(acc).maxexp) // 2 + 16
 
 
-def combine_norms(norms: Sequence[jax.Array]) -> jax.Array:
-  """sqrt(sum(n**2)) over a sequence of same-shape norms, without overflow."""
-  stacked = jnp.stack(norms)
+def combine_norms(norms: Sequence[jax.Array] | jax.Array) -> jax.Array:
+  """sqrt(sum(n**2)) over same-shape norms (a sequence, or stacked along axis 0).
+
+  Computed from the norms scaled by a power of two near their largest, so it
+  does not overflow.
+  """
+  stacked = norms if isinstance(norms, jax.Array) else jnp.stack(list(norms))
   m = jnp.max(stacked, axis=0)
   down1, down2, up1, up2 = _pow2_factors(m)
   scaled = jnp.sqrt(jnp.sum(jnp.square(stacked * down1 * down2), axis=0))
@@ -129,36 +136,52 @@ def _magnitudes(x: jax.Array, acc: np.dtype) -> jax.Array:
   return x.astype(acc).reshape(-1)
 
 
-def _scaled_norms(
-  leaves: Sequence[jax.Array], axes: Sequence[Axes], sums: Sequence[jax.Array]
-) -> list[jax.Array]:
+def block_shape(x: Any, axes: Axes) -> tuple[int, ...]:
+  """The shape of ``x``'s block norms: ``x``'s shape without ``axes``."""
+  if axes is None:
+    return ()
+  return tuple(int(d) for i, d in enumerate(np.shape(x)) if i not in axes)
+
+
+def block_layout(leaves: Sequence[Any], axes: Sequence[Axes], treedef: Any) -> Layout:
+  """The static :class:`Layout` of the leaves' block norms.
+
+  One group per block shape and accumulation dtype: a tree's per-leaf norms
+  (scalars) are one group, per-unit norms one group per unit shape, so that
+  statistics stacked by it (``layout.stack``) are a few vectors however many
+  leaves there are. ``treedef`` (the leaves' structure) makes
+  :meth:`Stacked.tree` read them as a tree like the leaves.
+  """
+  structs = [
+    jax.ShapeDtypeStruct(block_shape(x, a), accumulation_dtype(jnp.result_type(x)))
+    for x, a in zip(leaves, axes, strict=True)
+  ]
+  return Layout.of(jax.tree.unflatten(treedef, structs), keep_empty=True)
+
+
+def _scaled_norm(x: jax.Array, axes: Axes, acc: np.dtype, down: Any) -> jax.Array:
   """Block norms computed as ``sqrt(sum((x * 2**-k)**2)) * 2**k`` (:func:`_shift`).
 
   The overflow path of :func:`block_norms`: the scaled squares cannot
   overflow, and what they lose to underflow (elements below ``2**17`` for
-  float32) weighs nothing beside a sum that overflowed. Blocks whose plain
-  ``sums`` are finite keep ``sqrt(sums)``. The leaves of one shape, dtype and
-  block axes are stacked and reduced at once, so this rarely taken branch
-  costs the program a few ops per group, not per leaf.
+  float32) weighs nothing beside a sum that overflowed. ``down`` is
+  ``2**-k`` from :func:`_down`.
   """
-  groups: dict[Any, list[int]] = {}
-  for i, (x, a) in enumerate(zip(leaves, axes, strict=True)):
-    groups.setdefault((x.shape, jnp.dtype(x.dtype), a), []).append(i)
-  out: list[Any] = [None] * len(leaves)
-  for (_, dtype, a), idx in groups.items():
-    acc = accumulation_dtype(dtype)
-    k = _shift(acc)
-    # Behind a barrier, the factor is no constant that XLA could fold into
-    # (x * f)**2 = x**2 * f**2, where f**2 underflows to 0 and x**2 overflows.
-    down = lax.optimization_barrier(jnp.asarray(2.0**-k, acc))
-    stacked = jnp.stack([leaves[i] for i in idx])
-    dims = tuple(range(1, stacked.ndim)) if a is None else tuple(d + 1 for d in a)
-    scaled = jnp.sqrt(jnp.sum(_squares(stacked, acc, down), axis=dims))
-    scaled = scaled * np.asarray(2.0**k, acc)
-    for j, i in enumerate(idx):
-      plain = sums[i]
-      out[i] = jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), scaled[j])
-  return out
+  scaled = jnp.sqrt(jnp.sum(_squares(x, acc, down), axis=axes))
+  return scaled * np.asarray(2.0 ** _shift(acc), acc)
+
+
+def _down(accs: Sequence[np.dtype]) -> dict[np.dtype, jax.Array]:
+  """``2**-k`` (:func:`_shift`) for each accumulation dtype, behind a barrier.
+
+  Behind a barrier, the factor is no constant that XLA could fold into
+  ``(x * f)**2 = x**2 * f**2``, where ``f**2`` underflows to 0 and ``x**2``
+  overflows. One barrier per dtype, not per leaf.
+  """
+  return {
+    acc: lax.optimization_barrier(jnp.asarray(2.0 ** -_shift(acc), acc))
+    for acc in dict.fromkeys(accs)
+  }
 
 
 def block_norms(
@@ -166,11 +189,19 @@ def block_norms(
 ) -> list[jax.Array]:
   """L2 norms of the blocks of each leaf: ``leaf`` reduced over ``axes[i]``.
 
-  Each block's sum of squares is one plain reduction (as fast as optax's);
-  if any overflows, one ``lax.cond`` recomputes the norms from squares scaled
-  by ``2**-k`` (:func:`_scaled_norms`), once per group of leaves of one shape,
-  or over one concatenated vector for a global norm, so the rarely taken
-  branch does not duplicate the tree's graph leaf by leaf.
+  Each block's sum of squares is one plain reduction (as fast as optax's).
+  If any overflows (one flag over all of them), one ``lax.cond`` recomputes
+  the norms from squares scaled by ``2**-k`` (:func:`_scaled_norm`), keeping
+  the plain norm of every block whose sum was finite; for a global norm,
+  over one concatenated vector.
+
+  The norms stay per leaf, so that a caller computes each leaf's scale
+  factor from its own norm, which XLA fuses with the scaling as it does
+  optax's. A vector of per-leaf values sliced back into every leaf (or a
+  rarely taken branch that computes the leaves stacked and slices them
+  apart) costs XLA:CPU a kernel per leaf, several times optax's compile time
+  on a tree of hundreds of leaves: statistics stack the per-leaf results
+  instead, as outputs.
 
   Args:
     leaves: the arrays.
@@ -190,39 +221,63 @@ def block_norms(
     normalize_axes("block_norms", x, a) for x, a in zip(leaves, axes, strict=True)
   ]
   accs = [accumulation_dtype(x.dtype) for x in leaves]
+  wide = widest_accumulation_dtype(leaves)
+  if combine and all(a is None for a in axes):
+    return [_global_norm(leaves, accs, wide)]
   sums = [
     jnp.sum(_squares(x, acc), axis=a)
     for x, a, acc in zip(leaves, axes, accs, strict=True)
   ]
-  leaf_sums = sums
-  if combine:
-    wide = widest_accumulation_dtype(leaves)
-    # Stacked and summed at once: one op however many leaves there are.
-    sums = [jnp.sum(jnp.stack([s.astype(wide) for s in sums]), axis=0)]
-    flags = [jnp.any(jnp.isposinf(sums[0]))]
-  else:
-    flags = [jnp.any(jnp.isposinf(s)) for s in sums]
-  overflow = flags[0] if len(flags) == 1 else jnp.any(jnp.stack(flags))
 
-  def plain(operands):
+  def plain(sums):
     # Compiled, XLA would rewrite sqrt(x * x) of a one-element block as |x|,
     # which differs from the eager result where x * x underflows; the barrier
     # keeps jit and eager alike.
-    return [jnp.sqrt(s) for s in lax.optimization_barrier(operands[0])]
+    return [jnp.sqrt(s) for s in lax.optimization_barrier(sums)]
 
-  def rescaled(operands):
-    sums, leaf_sums = operands
-    if not combine:
-      return _scaled_norms(leaves, axes, leaf_sums)
-    dtype = sums[0].dtype
-    if all(a is None for a in axes):
-      # One vector of every element: one reduction, cheap to compile.
-      flat = jnp.concatenate([_magnitudes(x, dtype) for x in leaves])
-      return _scaled_norms([flat], [None], [jnp.full((), jnp.inf, dtype)])
-    norms = _scaled_norms(leaves, axes, leaf_sums)
-    return [combine_norms([n.astype(dtype) for n in norms])]
+  def rescaled(sums):
+    down = _down(accs)
+    return [
+      jnp.where(jnp.isfinite(s), jnp.sqrt(s), _scaled_norm(x, a, acc, down[acc]))
+      for s, x, a, acc in zip(sums, leaves, axes, accs, strict=True)
+    ]
 
-  return lax.cond(overflow, rescaled, plain, (sums, leaf_sums))
+  if not combine:
+    # One flag over every sum at once: a concatenation and one reduction.
+    every = jnp.concatenate([s.reshape(-1).astype(wide) for s in sums])
+    return lax.cond(jnp.any(jnp.isposinf(every)), rescaled, plain, sums)
+  # Per-example norms: the blocks of every leaf together.
+  total = jnp.sum(jnp.stack([s.astype(wide) for s in sums]), axis=0)
+
+  def combined_plain(total):
+    return jnp.sqrt(lax.optimization_barrier(total))
+
+  def combined_rescaled(total):
+    return combine_norms([n.astype(wide) for n in rescaled(sums)])
+
+  overflow = jnp.any(jnp.isposinf(total))
+  return [lax.cond(overflow, combined_rescaled, combined_plain, total)]
+
+
+def _global_norm(
+  leaves: Sequence[jax.Array], accs: Sequence[np.dtype], wide: np.dtype
+) -> jax.Array:
+  """The norm of all leaves together; its overflow path is one flat vector."""
+  sums = [
+    jnp.sum(_squares(x, acc)).astype(wide) for x, acc in zip(leaves, accs, strict=True)
+  ]
+  # Stacked and summed at once: one op however many leaves there are.
+  total = jnp.sum(jnp.stack(sums))
+
+  def plain(total):
+    return jnp.sqrt(lax.optimization_barrier(total))
+
+  def rescaled(total):
+    # One vector of every element: one reduction, cheap to compile.
+    flat = jnp.concatenate([_magnitudes(x, wide) for x in leaves])
+    return _scaled_norm(flat, None, wide, _down([wide])[wide])
+
+  return lax.cond(jnp.isposinf(total), rescaled, plain, total)
 
 
 def mesh_axes(axis_name: Any) -> tuple[Any, ...]:
@@ -443,12 +498,15 @@ def keepdims(norm: jax.Array, x: jax.Array, axes: Axes) -> jax.Array:
   return jnp.expand_dims(norm, axes)
 
 
-def clip_scale(norm: jax.Array, bound: Any, eps: Any = 0.0) -> jax.Array:
+def clip_scale(
+  norm: jax.Array, bound: Any, eps: Any = 0.0, *, checked: bool = False
+) -> jax.Array:
   """``min(1, bound / (norm + eps))``, exactly 1 whenever ``norm + eps <= bound``.
 
   A zero norm therefore gives 1, never NaN, also for a zero bound. A traced bound
   that is negative or NaN acts as 0: a broken schedule zeroes the update rather
-  than flipping its sign or letting it through unclipped.
+  than flipping its sign or letting it through unclipped. ``checked`` says
+  that ``bound`` came from :func:`safe_bound` already.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -458,12 +516,33 @@ def clip_scale(norm: jax.Array, bound: Any, eps: Any = 0.0) -> jax.Array:
     >>> print(clip_scale(jnp.array(0.0), 0.0))
     1.0
   """
-  bound = jnp.asarray(bound).astype(norm.dtype)
-  bound = jnp.where(bound >= 0, bound, jnp.zeros_like(bound))
-  denom = norm + jnp.asarray(eps).astype(norm.dtype)
+  if checked and jnp.result_type(bound) != norm.dtype:
+    bound = bound.astype(norm.dtype)
+  elif not checked:
+    bound = safe_bound(bound, norm.dtype)
+  denom = norm
+  if not (_is_concrete(eps) and np.all(np.asarray(eps) == 0)):
+    denom = norm + jnp.asarray(eps).astype(norm.dtype)
   over = denom > bound
-  safe = jnp.where(over, denom, jnp.ones_like(denom))
-  return jnp.where(over, bound / safe, jnp.ones_like(safe))
+  safe = jnp.where(over, denom, np.ones((), norm.dtype))
+  return jnp.where(over, bound / safe, np.ones((), norm.dtype))
+
+
+def _is_concrete(x: Any) -> bool:
+  return isinstance(x, int | float | np.ndarray | np.generic)
+
+
+def safe_bound(bound: Any, dtype: Any) -> Any:
+  """``bound`` in ``dtype``, with negative or NaN entries as 0 (see :func:`clip_scale`).
+
+  A concrete bound is converted by numpy, adding nothing to the traced
+  program, so that a per-leaf clipper costs a few ops per leaf.
+  """
+  if _is_concrete(bound):
+    value = np.asarray(bound, dtype)
+    return np.where(value >= 0, value, np.zeros((), dtype))
+  value = jnp.asarray(bound).astype(dtype)
+  return jnp.where(value >= 0, value, jnp.zeros((), dtype))
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:

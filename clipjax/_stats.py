@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from clipjax._layout import Stacked
+
 
 @dataclasses.dataclass(frozen=True)
 class ClipStats:
@@ -20,8 +22,11 @@ class ClipStats:
   Attributes:
     norm: the size compared with the bound, before clipping: the L2 norm (RMS for
       ``clip_by_block_rms``, max ``|x|`` for ``clip``). A scalar for whole-tree
-      clippers; for per-block clippers a tree like the updates holding one value
-      per block (a scalar per leaf, or one per unit or slice).
+      clippers; for per-block clippers one value per block (a scalar per leaf,
+      or one per unit or slice) held as a :class:`~clipjax.Stacked`: one
+      vector per shape of block, however many leaves, that reads as a tree
+      like the updates (``stats.norm["w"]``, ``stats.norm.tree()``). For an
+      update that is a single array, an array.
     scale: the factor applied, shaped like ``norm`` (1.0 = untouched).
     bound: the bound in force, a scalar or shaped like ``norm``.
     clipped_fraction: shape ``()``: the fraction of blocks scaled down.
@@ -192,6 +197,8 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
   for base, node in labelled(opt_state, ClipStats):
     for field in _FIELDS:
       value = getattr(node, field)
+      if isinstance(value, Stacked):
+        value = value.tree()
       for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
         suffix = "".join("/" + _key_name(k) for k in leaf_path if not _is_box(k))
         out[f"{base}/{field}{suffix}"] = leaf
