@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from clipjax import _ghost, _norms
 from clipjax._checks import check_bound
@@ -73,6 +74,43 @@ def _as_float(g: jax.Array) -> jax.Array:
   return g if jnp.issubdtype(g.dtype, jnp.inexact) else g.astype(jnp.float32)
 
 
+def _weighted_sums(
+  leaves: list[jax.Array],
+  multipliers: list[jax.Array],
+  keep: list[jax.Array],
+  all_kept: jax.Array,
+) -> list[jax.Array]:
+  """``sum_b multipliers[i][b] * leaves[i][b]`` per leaf, dropping unkept examples.
+
+  A dropped example holds non-finite values, which a zero multiplier would
+  turn into NaN: its rows are masked out, but only when there is one (one
+  ``lax.cond`` for the tree), so that the common step is optax's one
+  contraction per leaf, with no masked copy of the per-example gradients.
+  Half-precision leaves are summed in float32 and rounded once.
+  """
+
+  def plain():
+    out = []
+    for g, m in zip(leaves, multipliers, strict=True):
+      acc = _norms.accumulation_dtype(g.dtype)
+      out.append(jnp.tensordot(m.astype(acc), g.astype(acc), axes=1).astype(g.dtype))
+    return out
+
+  def masked():
+    # One fused select-multiply-reduce per leaf: slower than the contraction
+    # on CPU, but cheap to compile, for the step that needs it.
+    out = []
+    for g, m, k in zip(leaves, multipliers, keep, strict=True):
+      acc = _norms.accumulation_dtype(g.dtype)
+      rows = tuple(range(1, g.ndim))
+      weighted = g.astype(acc) * jnp.expand_dims(m.astype(acc), rows)
+      kept = jnp.where(jnp.expand_dims(k, rows), weighted, jnp.zeros((), acc))
+      out.append(jnp.sum(kept, axis=0).astype(g.dtype))
+    return out
+
+  return lax.cond(all_kept, plain, masked)
+
+
 def per_example_global_norm_clip(
   grads: Any,
   l2_norm_clip: jax.typing.ArrayLike,
@@ -116,15 +154,9 @@ def per_example_global_norm_clip(
   finite = jnp.isfinite(norms)
   multipliers = jnp.where(finite, _norms.clip_scale(norms, l2_norm_clip), 0)
   num_clipped = jnp.sum(multipliers < 1, dtype=jnp.int32)
-
-  def clipped_sum(g):
-    acc = _norms.accumulation_dtype(g.dtype)
-    keep = jnp.expand_dims(finite, tuple(range(1, g.ndim)))
-    kept = jnp.where(keep, g, jnp.zeros((), g.dtype)).astype(acc)
-    return jnp.tensordot(multipliers.astype(acc), kept, axes=1).astype(g.dtype)
-
-  treedef = jax.tree.structure(grads)
-  summed = jax.tree.unflatten(treedef, [clipped_sum(g) for g in leaves])
+  n = len(leaves)
+  sums = _weighted_sums(leaves, [multipliers] * n, [finite] * n, jnp.all(finite))
+  summed = jax.tree.unflatten(jax.tree.structure(grads), sums)
   if return_info:
     info = PerExampleClipInfo(
       norms.astype(jnp.float32), jnp.sum(~finite, dtype=jnp.int32)
@@ -173,14 +205,20 @@ def per_example_layer_norm_clip(
   else:
     total = sum(g[0].size for g in leaves)
     bounds = [global_l2_norm_clip * (g[0].size / total) ** 0.5 for g in leaves]
-  results = [
-    per_example_global_norm_clip(g, b) for g, b in zip(leaves, bounds, strict=True)
+  leaves = [_as_float(g) for g in leaves]
+  axes = [tuple(range(1, g.ndim)) for g in leaves]
+  # Every leaf's per-example norms at once: one overflow check for the tree.
+  norms = _norms.block_norms(leaves, axes)
+  finite = [jnp.isfinite(n) for n in norms]
+  multipliers = [
+    jnp.where(f, _norms.clip_scale(n, b), 0)
+    for n, f, b in zip(norms, finite, bounds, strict=True)
   ]
+  clipped = [jnp.sum(m < 1, dtype=jnp.int32) for m in multipliers]
+  all_finite = jnp.all(jnp.stack([jnp.all(f) for f in finite]))
+  sums = _weighted_sums(leaves, multipliers, finite, all_finite)
   treedef = jax.tree.structure(grads)
-  return (
-    jax.tree.unflatten(treedef, [r[0] for r in results]),
-    jax.tree.unflatten(treedef, [r[1] for r in results]),
-  )
+  return jax.tree.unflatten(treedef, sums), jax.tree.unflatten(treedef, clipped)
 
 
 _METHODS = ("auto", "ghost", "vmap")
