@@ -24,6 +24,7 @@ from clipjax._clipping import clip_by_group_norm as clip_by_group_norm
 from clipjax._clipping import clip_by_norm as clip_by_norm
 from clipjax._clipping import unitwise_clip as unitwise_clip
 from clipjax._clipping import unitwise_norm as unitwise_norm
+from clipjax._layout import Stacked as Stacked
 from clipjax._norms import global_norm as global_norm
 from clipjax._per_example import PerExampleClipInfo as PerExampleClipInfo
 from clipjax._per_example import (
@@ -55,6 +56,7 @@ __all__ = (
   "QuantileClipState",
   "SkipAndClipState",
   "SpamClipState",
+  "Stacked",
   "ZClipState",
   "adagc",
   "adaptive_grad_clip",

@@ -121,28 +121,32 @@ def _row(a: Any, j: int, axis: int) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Stacked:
-  """Per-leaf state held as one stacked tree per group of a :class:`Layout`.
+  """Per-leaf values held as one stacked array (or tree) per group of leaves.
 
   A registered pytree: its children are the groups' trees (each with a leading
-  axis over the group's leaves), its layout is static metadata. Indexing and
-  :meth:`tree` read it as a tree like the updates, so that
-  ``state.feedback["w"]`` is leaf ``w``'s residual.
+  axis over the group's leaves), its layout (which leaves form each group,
+  the tree's structure) is static metadata. Indexing and :meth:`tree` read it
+  as a tree like the updates, so that ``state.feedback["w"]`` is leaf ``w``'s
+  residual and ``stats.norm["w"]`` leaf ``w``'s norm. Clipjax's states hold
+  per-leaf values so (a per-leaf clipper's statistics, one vector per shape
+  of block; a compressor's state, one array per shape of leaf), so that the
+  number of state arrays does not grow with the number of leaves.
 
   Attributes:
     groups: one tree per group of ``layout``, stacked along axis 0.
-    layout: the :class:`Layout` (static).
+    layout: the groups (static).
     ranks: for each group, the per-leaf rank of each of its arrays (static),
       so that a leading axis added outside (``s[None]`` for a per-device
-      state) does not hide the group axis.
+      state, a ``jax.vmap`` over models) does not hide the group axis.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> from clipjax._layout import Layout, Stacked
-    >>> tree = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0, 4.0])}
-    >>> layout = Layout.of(tree)
-    >>> s = Stacked.of(layout.stack(list(tree.values())), layout)
-    >>> print(s.groups[0].shape, s["b"])
-    (2, 2) [3. 4.]
+    >>> import jax.numpy as jnp, clipjax
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+    >>> _, stats = clipjax.clip_by_norm(1.0).update(g, None)
+    >>> print(stats.norm["a"], [x.shape for x in stats.norm.groups])
+    5.0 [(2,)]
+    >>> stats.norm.tree()
+    {'a': Array(5., dtype=float32), 'b': Array(0.5, dtype=float32)}
   """
 
   groups: list[Any]
