@@ -239,9 +239,9 @@ def clip(
         )
 
   def bounds(leaves):
-    # A traced bound that is negative or NaN acts as 0, as in clip_scale.
-    delta = jnp.asarray(max_delta, jnp.float32)
-    delta = jnp.where(delta >= 0, delta, jnp.zeros_like(delta))
+    # A traced bound that is negative or NaN acts as 0, as in clip_scale; a
+    # concrete one stays a numpy constant.
+    delta = _norms.safe_bound(max_delta, jnp.float32)
     return delta, [delta.astype(x.dtype) for x in leaves]
 
   def clipped(leaves, deltas):
@@ -262,7 +262,7 @@ def clip(
 
   def smallest_factor(x, peak, d, delta):
     if not delta_shape:  # the largest element got the smallest factor
-      return _norms.clip_scale(peak, delta)
+      return _norms.clip_scale(peak, delta, checked=True)
     factors = _norms.clip_scale(jnp.abs(x).astype(peak.dtype), d)
     return jnp.min(factors, initial=1.0)
 

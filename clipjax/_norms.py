@@ -238,7 +238,7 @@ def block_norms(
   def rescaled(sums):
     down = _down(accs)
     return [
-      jnp.where(jnp.isfinite(s), jnp.sqrt(s), _scaled_norm(x, a, acc, down[acc]))
+      lax.select(lax.is_finite(s), lax.sqrt(s), _scaled_norm(x, a, acc, down[acc]))
       for s, x, a, acc in zip(sums, leaves, axes, accs, strict=True)
     ]
 
@@ -523,9 +523,25 @@ def clip_scale(
   denom = norm
   if not (_is_concrete(eps) and np.all(np.asarray(eps) == 0)):
     denom = norm + jnp.asarray(eps).astype(norm.dtype)
-  over = denom > bound
-  safe = jnp.where(over, denom, np.ones((), norm.dtype))
-  return jnp.where(over, bound / safe, np.ones((), norm.dtype))
+  bound = _like(bound, denom)
+  over = lax.gt(denom, bound)
+  one = lax.full_like(denom, 1)
+  return lax.select(over, lax.div(bound, lax.select(over, denom, one)), one)
+
+
+def _like(x: Any, like: jax.Array) -> Any:
+  """``x`` in ``like``'s dtype, broadcast (numpy-style) to its shape.
+
+  For ``lax`` ops, which neither promote nor broadcast: a per-leaf clipper
+  calls them hundreds of times, and ``jnp.where`` traces a nested ``jit``
+  each time.
+  """
+  x = x.astype(like.dtype) if hasattr(x, "astype") else np.asarray(x, like.dtype)
+  if np.shape(x) == like.shape:
+    return x
+  rank = np.ndim(x)
+  dims = tuple(range(like.ndim - rank, like.ndim))
+  return lax.broadcast_in_dim(x, like.shape, dims)
 
 
 def _is_concrete(x: Any) -> bool:
@@ -542,7 +558,7 @@ def safe_bound(bound: Any, dtype: Any) -> Any:
     value = np.asarray(bound, dtype)
     return np.where(value >= 0, value, np.zeros((), dtype))
   value = jnp.asarray(bound).astype(dtype)
-  return jnp.where(value >= 0, value, jnp.zeros((), dtype))
+  return lax.select(lax.ge(value, _like(0, value)), value, _like(0, value))
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
