@@ -14,6 +14,7 @@ optimizer as well (its state left untouched), wrap the optimizer in
 :func:`skip_and_clip`.
 """
 
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -23,7 +24,8 @@ import optax
 
 from clipjax import _norms
 from clipjax._checks import TreeShapes, check_bound, check_state_fits, is_concrete
-from clipjax._clipping import fraction_true, require_params
+from clipjax._clipping import StackedStats, require_params
+from clipjax._layout import Layout, Stacked, mismatch
 from clipjax._stats import ClipStats, make_stats, with_stats
 
 NonFinite = Literal["zero", "propagate"]
@@ -71,15 +73,66 @@ def _scale(updates: Any, scales: Any) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def _leaf_norms(call: str, updates: Any) -> tuple[list[jax.Array], jax.Array]:
-  """Each leaf's L2 norm (float32) and the global norm made from them."""
+def _leaf_norms(
+  call: str, updates: Any
+) -> tuple[list[jax.Array], jax.Array, jax.Array]:
+  """Each leaf's L2 norm (float32), the same stacked, and the global norm.
+
+  A leaf's scale factor is best computed from its own norm, which XLA fuses
+  with the scaling; statistics are best computed from the stacked vector (one
+  concatenation), never by slicing a vector back into every leaf: either way
+  of reading per-leaf values out of one array costs XLA:CPU a kernel per leaf.
+  """
   _norms.check_float_leaves(call, updates)
   leaves = jax.tree.leaves(updates)
   norms = [
     n.astype(jnp.float32) for n in _norms.block_norms(leaves, [None] * len(leaves))
   ]
-  total = _norms.combine_norms(norms) if norms else jnp.zeros((), jnp.float32)
-  return norms, total
+  if not norms:
+    return [], jnp.zeros((0,), jnp.float32), jnp.zeros((), jnp.float32)
+  stacked = jnp.stack(norms)
+  return norms, stacked, _norms.combine_norms(stacked)
+
+
+def _scalar_fields(tree: Any) -> StackedStats:
+  """One float32 scalar per leaf of ``tree``, stacked into a single vector.
+
+  Its :meth:`~StackedStats.wrap` gives a :class:`~clipjax.Stacked` that reads
+  as a tree like ``tree`` (for a tree that is one array, that scalar).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  scalar: Any = jax.ShapeDtypeStruct((), jnp.float32)
+  return StackedStats([scalar] * len(leaves), [None] * len(leaves), treedef)
+
+
+_ONE_ARRAY = jax.tree.structure(0)
+
+
+def _wrap_vector(fields: StackedStats, vector: jax.Array) -> Any:
+  """A vector of one scalar per leaf as ``fields`` reads it (see ``_scalar_fields``)."""
+  return fields.wrap([vector] if fields.layout.groups else [])
+
+
+def _vector(held: Any) -> jax.Array:
+  """The vector of per-leaf scalars that :func:`_wrap_vector` made ``held`` of."""
+  if isinstance(held, Stacked):
+    return held.groups[0] if held.groups else jnp.zeros((0,), jnp.float32)
+  return jnp.reshape(held, (1,))
+
+
+def _split(vector: jax.Array, pred: jax.Array) -> list[jax.Array]:
+  """The entries of ``vector`` as separate scalars, materialized.
+
+  Read directly (``vector[i]``), XLA fuses each entry's slice into the leaf's
+  scaling kernel, whose code then differs from leaf to leaf (by the offset)
+  and is compiled once per leaf instead of once per shape: several seconds
+  on a tree of hundreds of leaves. Returned by a ``lax.cond`` (whose two
+  branches are the same, so ``pred`` changes nothing), the entries are
+  buffers that the scaling kernels take as inputs, and leaves of one shape
+  share one kernel again; only the tiny slices are compiled per leaf.
+  """
+  split = lambda v: [v[i] for i in range(v.shape[0])]
+  return jax.lax.cond(pred, split, split, vector)
 
 
 def _global_norm(call: str, updates: Any) -> jax.Array:
@@ -381,20 +434,22 @@ class AdaGCState(NamedTuple):
 
   Attributes:
     seen: shape ``()``, int32: the finite steps seen so far.
-    gamma: a tree like the params holding one float32 scalar per tensor: the
-      smallest clipped norm during warm-up, then an EMA of the clipped norms
-      (0 while a tensor has had no nonzero gradient).
+    gamma: one float32 scalar per tensor: the smallest clipped norm during
+      warm-up, then an EMA of the clipped norms (0 while a tensor has had no
+      nonzero gradient); one vector held as a :class:`~clipjax.Stacked` that
+      reads as a tree like the params (``gamma["w"]``), a scalar for params
+      that are one array.
     stats: the last update's :class:`ClipStats` (zeros before the first): a
       norm, scale and bound per tensor, and ``extra["nonfinite_steps"]``.
 
   Examples:
     >>> import jax.numpy as jnp, clipjax
     >>> clipjax.adagc().init({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}).gamma
-    {'b': Array(0., dtype=float32), 'w': Array(0., dtype=float32)}
+    Stacked({'b': Array(0., dtype=float32), 'w': Array(0., dtype=float32)})
   """
 
   seen: jax.Array  # shape=(), int32: finite steps seen
-  gamma: Any  # a tree like the params, one float32 scalar per leaf
+  gamma: Any  # one float32 scalar per leaf, one vector (a Stacked)
   stats: ClipStats
 
 
@@ -453,46 +508,64 @@ def adagc(
   _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
 
   def init_fn(params):
-    zeros = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    fields = _scalar_fields(params)
+    zeros = _wrap_vector(fields, jnp.zeros((len(fields.leaves),), jnp.float32))
     extra = {"nonfinite_steps": jnp.zeros((), jnp.int32)}
     stats = make_stats(call, zeros, zeros, zeros, 0.0, extra)
     return AdaGCState(jnp.zeros((), jnp.int32), zeros, stats)
 
+  def check_fits(updates, fields, held):
+    """Raises ``ValueError`` naming the leaf unless ``held`` is a gamma for them."""
+    if isinstance(held, Stacked) and held.layout == fields.layout:
+      return
+    if fields.treedef == _ONE_ARRAY and np.shape(held) == ():
+      return
+    scalars = jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), updates)
+    got = held.tree() if isinstance(held, Stacked) else held
+    check_state_fits(call, updates, got, scalars)
+    why = None
+    if isinstance(held, Stacked):
+      why = mismatch(call, fields.layout, held.layout, "state's gamma")
+    raise ValueError(why or f"{call}: the state's gamma does not fit the updates.")
+
   def update_fn(updates, state, params=None):
     del params
-    scalars = jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), updates)
-    check_state_fits(call, updates, state.gamma, scalars)
-    norms, total = _leaf_norms(call, updates)
+    fields = _scalar_fields(updates)
+    check_fits(updates, fields, state.gamma)
+    _, stacked, total = _leaf_norms(call, updates)
     finite = jnp.isfinite(total)
-    treedef = jax.tree.structure(updates)
-    gammas = treedef.flatten_up_to(state.gamma)  # type: ignore[attr-defined]
+    gamma = _vector(state.gamma)
     first = state.seen == 0
     warm = first | (state.seen + 1 < warmup_steps)
-
     warm_scale = _norms.clip_scale(total, warmup_max_norm)
-    bounds, scales, new_gammas = [], [], []
-    for n, gamma in zip(norms, gammas, strict=True):
+
+    def rule(norm, gamma):
+      """The bound and scale of tensors of these norms and EMAs (one or stacked)."""
       known = gamma > 0
       rel_bound = jnp.where(known, relative * gamma, jnp.inf)
       bound = jnp.where(warm, jnp.asarray(warmup_max_norm, jnp.float32), rel_bound)
-      scale = jnp.where(warm, warm_scale, _norms.clip_scale(n, rel_bound))
-      clipped = n * scale
-      # gamma == 0 means "no history yet"; a zero norm is not an observation.
-      smallest = jnp.where(known, jnp.minimum(gamma, clipped), clipped)
-      warm_gamma = jnp.where(clipped > 0, smallest, gamma)
-      ema_gamma = jnp.where(known, beta * gamma + (1 - beta) * clipped, clipped)
-      gamma_next = jnp.where(warm, warm_gamma, ema_gamma)
-      new_gammas.append(jnp.where(finite, gamma_next, gamma))
-      bounds.append(bound)
-      scales.append(scale)
+      scale = jnp.where(warm, warm_scale, _norms.clip_scale(norm, rel_bound))
+      return bound, scale
 
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    fraction = fraction_true([s < 1 for s in scales])
+    # The statistics and the new EMA: the same rule, on the norms stacked.
+    bounds, all_scales = rule(stacked, gamma)
+    scales = _split(all_scales, finite)
+    known = gamma > 0
+    clipped = stacked * all_scales
+    # gamma == 0 means "no history yet"; a zero norm is not an observation.
+    smallest = jnp.where(known, jnp.minimum(gamma, clipped), clipped)
+    warm_gamma = jnp.where(clipped > 0, smallest, gamma)
+    ema_gamma = jnp.where(known, beta * gamma + (1 - beta) * clipped, clipped)
+    gamma_next = jnp.where(warm, warm_gamma, ema_gamma)
+    new_gamma = jnp.where(finite, gamma_next, gamma)
+
+    fraction = fields.fraction_below_one([all_scales])
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
+    wrap = lambda v: _wrap_vector(fields, v)
     stats = make_stats(
-      call, unflatten(norms), unflatten(scales), unflatten(bounds), fraction, extra
+      call, wrap(stacked), wrap(all_scales), wrap(bounds), fraction, extra
     )
-    new_state = AdaGCState(state.seen + _count(finite), unflatten(new_gammas), stats)
+    new_state = AdaGCState(state.seen + _count(finite), wrap(new_gamma), stats)
     return _finish(updates, _scale(updates, scales), finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -579,21 +652,23 @@ def quantile_clip(
   def update_fn(updates, state, params=None):
     del params
     state.tree.check(call, updates)
-    norms, total = _leaf_norms(call, updates)
+    norms, stacked, total = _leaf_norms(call, updates)
     finite = jnp.isfinite(total)
     bound = state.max_norm
-    scales = [_norms.clip_scale(n, bound) for n in norms]
+    safe = _norms.safe_bound(bound, jnp.float32)
+    scales = [_norms.clip_scale(n, safe, checked=True) for n in norms]
     if norms:
-      unclipped = jnp.mean(jnp.stack([n <= bound for n in norms]).astype(jnp.float32))
+      unclipped = jnp.mean((stacked <= bound).astype(jnp.float32))
       step = jnp.exp(-jnp.asarray(learning_rate) * (unclipped - target_quantile))
       new_bound = jnp.where(finite, bound * step, bound)
+      smallest = jnp.min(_norms.clip_scale(stacked, safe, checked=True))
     else:
       unclipped, new_bound = jnp.ones((), jnp.float32), bound
+      smallest = jnp.ones((), jnp.float32)
     extra = {
       "unclipped_fraction": unclipped,
       "nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite),
     }
-    smallest = jnp.min(jnp.stack(scales)) if scales else jnp.ones((), jnp.float32)
     stats = make_stats(call, total, smallest, bound, 1.0 - unclipped, extra)
     new_state = QuantileClipState(new_bound.astype(jnp.float32), stats, state.tree)
     return _finish(updates, _scale(updates, scales), finite, nonfinite), new_state
@@ -647,7 +722,7 @@ def clippy(
     _norms.check_float_leaves(call, updates)
     leaves, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
-    ratios, scales = [], []
+    ratios = []
     for u, w in zip(leaves, param_leaves, strict=True):
       allowance = relative * jnp.abs(w).astype(jnp.float32) + absolute
       size = jnp.abs(u).astype(jnp.float32)
@@ -657,12 +732,17 @@ def clippy(
       )
       ratio = jnp.where(jnp.any((size > 0) & (allowance <= 0)), jnp.inf, ratio)
       ratios.append(ratio)
-      scales.append(_norms.clip_scale(ratio, 1.0))
-    new = [_norms.scale_leaf(u, s) for u, s in zip(leaves, scales, strict=True)]
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    fraction = fraction_true([s < 1 for s in scales])
-    stats = make_stats(call, unflatten(ratios), unflatten(scales), 1.0, fraction)
-    return unflatten(new), stats
+    new = [
+      _norms.scale_leaf(u, _norms.clip_scale(r, 1.0))
+      for u, r in zip(leaves, ratios, strict=True)
+    ]
+    # The statistics: the same formula, on the ratios stacked.
+    fields = _scalar_fields(updates)
+    stacked = fields.stack(ratios)
+    scales = [_norms.clip_scale(r, 1.0) for r in stacked]
+    fraction = fields.fraction_below_one(scales)
+    stats = make_stats(call, fields.wrap(stacked), fields.wrap(scales), 1.0, fraction)
+    return jax.tree.unflatten(treedef, new), stats
 
   return with_stats(apply)
 
@@ -676,8 +756,10 @@ class SpamClipState(NamedTuple):
   Attributes:
     seen: shape ``()``, int32: the finite steps seen so far (clipping starts
       at step ``warmup_steps``).
-    nu: a tree like the params, float32: the EMA of the clipped ``g**2``,
-      coordinate by coordinate (not bias-corrected).
+    nu: float32: the EMA of the clipped ``g**2``, coordinate by coordinate
+      (not bias-corrected), held as a :class:`~clipjax.Stacked` (one array
+      per leaf shape) that reads as a tree like the params (``nu["w"]``); for
+      params that are one array, an array of their shape.
     stats: the last update's :class:`ClipStats` (zeros before the first), with
       ``extra["nonfinite_steps"]``.
 
@@ -688,7 +770,7 @@ class SpamClipState(NamedTuple):
   """
 
   seen: jax.Array  # shape=(), int32: finite steps seen
-  nu: Any  # a tree like the params, float32: EMA of the clipped g**2
+  nu: Any  # float32, stacked per leaf shape (a Stacked read like the params)
   stats: ClipStats
 
 
@@ -742,38 +824,83 @@ def spam_clip(
   _check_steps(call, "warmup_steps", warmup_steps, 1)
   _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
 
+  def layout_of(tree):
+    """Leaves grouped by shape alone: ``nu`` is float32 whatever their dtype."""
+    f32 = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32)
+    return Layout.of(jax.tree.map(f32, tree), keep_empty=True)
+
+  def pack(layout, groups):
+    """The stacked second moments as a state: for a one-array tree, its array."""
+    if layout.treedef == _ONE_ARRAY:
+      return groups[0][0]
+    return Stacked.of(groups, layout)
+
   def init_fn(params):
-    nu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    layout = layout_of(params)
+    groups = [
+      jnp.zeros((len(idx), *layout.group_shape(g)), jnp.float32)
+      for g, idx in enumerate(layout.groups)
+    ]
     extra = {"nonfinite_steps": jnp.zeros((), jnp.int32)}
-    return SpamClipState(jnp.zeros((), jnp.int32), nu, _scalar_stats(call, extra))
+    return SpamClipState(
+      jnp.zeros((), jnp.int32), pack(layout, groups), _scalar_stats(call, extra)
+    )
+
+  def held_groups(updates, layout, held):
+    """``held``'s stacked groups, or ``ValueError`` naming the leaf that differs."""
+    if isinstance(held, Stacked) and held.layout == layout:
+      return held.groups
+    one_array = layout.treedef == _ONE_ARRAY and not isinstance(held, Stacked)
+    if one_array and np.shape(held) == layout.shapes[0]:
+      return [jnp.expand_dims(held, 0)]
+    got = held.tree() if isinstance(held, Stacked) else held
+    check_state_fits(call, updates, got, updates)
+    why = (
+      mismatch(call, layout, held.layout, "state's nu")
+      if isinstance(held, Stacked)
+      else None
+    )
+    raise ValueError(why or f"{call}: the state's nu does not fit the updates.")
 
   def update_fn(updates, state, params=None):
     del params
-    check_state_fits(call, updates, state.nu, updates)
+    layout = layout_of(updates)
+    nus = held_groups(updates, layout, state.nu)
     norm = _global_norm(call, updates)
     finite = jnp.isfinite(norm)
     active = state.seen + 1 >= warmup_steps
-    leaves, treedef = jax.tree.flatten(updates)
-    nus = treedef.flatten_up_to(state.nu)  # type: ignore[attr-defined]
-    new, new_nus, flags = [], [], []
-    for g, v in zip(leaves, nus, strict=True):
-      g32 = g.astype(jnp.float32)
+    leaves = jax.tree.leaves(updates)
+    # One kernel per shape: the leaves of a shape stacked, in float32.
+    outs, new_nus, rounded, spikes = [], [], [], []
+    for idx, v in zip(layout.groups, nus, strict=True):
+      g32 = jnp.stack([leaves[i].astype(jnp.float32) for i in idx])
       limit = threshold * v
       spike = active & (v > 0) & (jnp.square(g32) > limit)
       clipped = jnp.where(spike, jnp.sign(g32) * jnp.sqrt(limit), g32)
       v_next = beta2 * v + (1 - beta2) * jnp.square(clipped)
-      new.append(clipped.astype(g.dtype))
       new_nus.append(jnp.where(finite, v_next, v))
-      flags.append(spike)
-    out = jax.tree.unflatten(treedef, new)
-    after = _norms.global_norm(out).astype(jnp.float32)
+      spikes.append(jnp.sum(spike, dtype=jnp.float32))
+      dtypes = {leaves[i].dtype for i in idx}
+      outs.append(clipped)
+      # The norm after clipping is that of the update emitted, in its dtype.
+      rounded.append(clipped.astype(dtypes.pop()) if len(dtypes) == 1 else None)
+    # Materialized (see _split), so that leaves of one shape share kernels.
+    unstack = lambda outs: layout.unstack(outs, leaves)
+    new = jax.lax.cond(finite, unstack, unstack, outs)
+    new = [u.astype(x.dtype) for u, x in zip(new, leaves, strict=True)]
+    parts = [
+      r if r is not None else [new[i] for i in idx]
+      for r, idx in zip(rounded, layout.groups, strict=True)
+    ]
+    after = _norms.global_norm(parts).astype(jnp.float32)
     ratio = jnp.where(norm > 0, after / jnp.where(norm > 0, norm, 1.0), 1.0)
-    fraction = fraction_true(flags)
+    size = sum(int(x.size) for x in leaves)
+    count = functools.reduce(jnp.add, spikes, jnp.zeros((), jnp.float32))
+    fraction = count / size if size else jnp.zeros((), jnp.float32)
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, ratio, threshold, fraction, extra)
-    new_state = SpamClipState(
-      state.seen + _count(finite), jax.tree.unflatten(treedef, new_nus), stats
-    )
+    new_state = SpamClipState(state.seen + _count(finite), pack(layout, new_nus), stats)
+    out = jax.tree.unflatten(layout.treedef, new)
     return _finish(updates, out, finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

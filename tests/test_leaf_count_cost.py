@@ -135,3 +135,28 @@ def test_clip_by_global_norm_compiles_to_at_most_1_5x_optaxs_instructions():
 def test_whole_tree_clippers_state_does_not_grow_with_the_leaves(make):
   small = len(jax.tree.leaves(make().init(SMALL)))
   assert small == len(jax.tree.leaves(make().init(LARGE))) <= 12
+
+
+ADAPTIVE = {
+  "autoclip": lambda: clipjax.autoclip(),
+  "zclip": lambda: clipjax.zclip(),
+  "adagc": lambda: clipjax.adagc(),
+  "quantile_clip": lambda: clipjax.quantile_clip(),
+  "clippy": lambda: clipjax.clippy(),
+  "spam_clip": lambda: clipjax.spam_clip(),
+  "skip_and_clip": lambda: clipjax.skip_and_clip(1.0, 10.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE))
+def test_adaptive_clippers_state_does_not_grow_with_the_leaves(name):
+  make = ADAPTIVE[name]
+  small, large = make().init(SMALL), make().init(LARGE)
+  # spam_clip's second moments: one array per leaf shape (9 here).
+  assert len(jax.tree.leaves(small)) == len(jax.tree.leaves(large)) <= 16
+  # The state still serves an update, and its statistics name every leaf.
+  _, state = make().update(SMALL, small, SMALL)
+  stats = clipjax.clip_stats(state)
+  if name in ("adagc", "clippy"):
+    assert f"{name}/norm/h11/attn/qkv/kernel" in stats
+    assert sum(k.startswith(f"{name}/norm/") for k in stats) == 148
