@@ -14,7 +14,6 @@ optimizer as well (its state left untouched), wrap the optimizer in
 :func:`skip_and_clip`.
 """
 
-import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -24,8 +23,8 @@ import optax
 
 from clipjax import _norms
 from clipjax._checks import TreeShapes, check_bound, check_state_fits, is_concrete
-from clipjax._clipping import StackedStats, require_params
-from clipjax._layout import Layout, Stacked, mismatch
+from clipjax._clipping import StackedStats, fraction_true, require_params
+from clipjax._layout import Stacked, mismatch
 from clipjax._stats import ClipStats, make_stats, with_stats
 
 NonFinite = Literal["zero", "propagate"]
@@ -756,10 +755,8 @@ class SpamClipState(NamedTuple):
   Attributes:
     seen: shape ``()``, int32: the finite steps seen so far (clipping starts
       at step ``warmup_steps``).
-    nu: float32: the EMA of the clipped ``g**2``, coordinate by coordinate
-      (not bias-corrected), held as a :class:`~clipjax.Stacked` (one array
-      per leaf shape) that reads as a tree like the params (``nu["w"]``); for
-      params that are one array, an array of their shape.
+    nu: a tree like the params, float32: the EMA of the clipped ``g**2``,
+      coordinate by coordinate (not bias-corrected).
     stats: the last update's :class:`ClipStats` (zeros before the first), with
       ``extra["nonfinite_steps"]``.
 
@@ -770,7 +767,7 @@ class SpamClipState(NamedTuple):
   """
 
   seen: jax.Array  # shape=(), int32: finite steps seen
-  nu: Any  # float32, stacked per leaf shape (a Stacked read like the params)
+  nu: Any  # a tree like the params, float32: EMA of the clipped g**2
   stats: ClipStats
 
 
@@ -824,83 +821,38 @@ def spam_clip(
   _check_steps(call, "warmup_steps", warmup_steps, 1)
   _check_choice(call, "nonfinite", nonfinite, _NONFINITE)
 
-  def layout_of(tree):
-    """Leaves grouped by shape alone: ``nu`` is float32 whatever their dtype."""
-    f32 = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.float32)
-    return Layout.of(jax.tree.map(f32, tree), keep_empty=True)
-
-  def pack(layout, groups):
-    """The stacked second moments as a state: for a one-array tree, its array."""
-    if layout.treedef == _ONE_ARRAY:
-      return groups[0][0]
-    return Stacked.of(groups, layout)
-
   def init_fn(params):
-    layout = layout_of(params)
-    groups = [
-      jnp.zeros((len(idx), *layout.group_shape(g)), jnp.float32)
-      for g, idx in enumerate(layout.groups)
-    ]
+    nu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     extra = {"nonfinite_steps": jnp.zeros((), jnp.int32)}
-    return SpamClipState(
-      jnp.zeros((), jnp.int32), pack(layout, groups), _scalar_stats(call, extra)
-    )
-
-  def held_groups(updates, layout, held):
-    """``held``'s stacked groups, or ``ValueError`` naming the leaf that differs."""
-    if isinstance(held, Stacked) and held.layout == layout:
-      return held.groups
-    one_array = layout.treedef == _ONE_ARRAY and not isinstance(held, Stacked)
-    if one_array and np.shape(held) == layout.shapes[0]:
-      return [jnp.expand_dims(held, 0)]
-    got = held.tree() if isinstance(held, Stacked) else held
-    check_state_fits(call, updates, got, updates)
-    why = (
-      mismatch(call, layout, held.layout, "state's nu")
-      if isinstance(held, Stacked)
-      else None
-    )
-    raise ValueError(why or f"{call}: the state's nu does not fit the updates.")
+    return SpamClipState(jnp.zeros((), jnp.int32), nu, _scalar_stats(call, extra))
 
   def update_fn(updates, state, params=None):
     del params
-    layout = layout_of(updates)
-    nus = held_groups(updates, layout, state.nu)
+    check_state_fits(call, updates, state.nu, updates)
     norm = _global_norm(call, updates)
     finite = jnp.isfinite(norm)
     active = state.seen + 1 >= warmup_steps
-    leaves = jax.tree.leaves(updates)
-    # One kernel per shape: the leaves of a shape stacked, in float32.
-    outs, new_nus, rounded, spikes = [], [], [], []
-    for idx, v in zip(layout.groups, nus, strict=True):
-      g32 = jnp.stack([leaves[i].astype(jnp.float32) for i in idx])
+    leaves, treedef = jax.tree.flatten(updates)
+    nus = treedef.flatten_up_to(state.nu)  # type: ignore[attr-defined]
+    new, new_nus, flags = [], [], []
+    for g, v in zip(leaves, nus, strict=True):
+      g32 = g.astype(jnp.float32)
       limit = threshold * v
       spike = active & (v > 0) & (jnp.square(g32) > limit)
       clipped = jnp.where(spike, jnp.sign(g32) * jnp.sqrt(limit), g32)
       v_next = beta2 * v + (1 - beta2) * jnp.square(clipped)
+      new.append(clipped.astype(g.dtype))
       new_nus.append(jnp.where(finite, v_next, v))
-      spikes.append(jnp.sum(spike, dtype=jnp.float32))
-      dtypes = {leaves[i].dtype for i in idx}
-      outs.append(clipped)
-      # The norm after clipping is that of the update emitted, in its dtype.
-      rounded.append(clipped.astype(dtypes.pop()) if len(dtypes) == 1 else None)
-    # Materialized (see _split), so that leaves of one shape share kernels.
-    unstack = lambda outs: layout.unstack(outs, leaves)
-    new = jax.lax.cond(finite, unstack, unstack, outs)
-    new = [u.astype(x.dtype) for u, x in zip(new, leaves, strict=True)]
-    parts = [
-      r if r is not None else [new[i] for i in idx]
-      for r, idx in zip(rounded, layout.groups, strict=True)
-    ]
-    after = _norms.global_norm(parts).astype(jnp.float32)
+      flags.append(spike)
+    out = jax.tree.unflatten(treedef, new)
+    after = _norms.global_norm(out).astype(jnp.float32)
     ratio = jnp.where(norm > 0, after / jnp.where(norm > 0, norm, 1.0), 1.0)
-    size = sum(int(x.size) for x in leaves)
-    count = functools.reduce(jnp.add, spikes, jnp.zeros((), jnp.float32))
-    fraction = count / size if size else jnp.zeros((), jnp.float32)
+    fraction = fraction_true(flags)
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, ratio, threshold, fraction, extra)
-    new_state = SpamClipState(state.seen + _count(finite), pack(layout, new_nus), stats)
-    out = jax.tree.unflatten(layout.treedef, new)
+    new_state = SpamClipState(
+      state.seen + _count(finite), jax.tree.unflatten(treedef, new_nus), stats
+    )
     return _finish(updates, out, finite, nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)

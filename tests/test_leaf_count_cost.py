@@ -179,7 +179,6 @@ ADAPTIVE = {
   "adagc": lambda: clipjax.adagc(),
   "quantile_clip": lambda: clipjax.quantile_clip(),
   "clippy": lambda: clipjax.clippy(),
-  "spam_clip": lambda: clipjax.spam_clip(),
   "skip_and_clip": lambda: clipjax.skip_and_clip(1.0, 10.0),
 }
 
@@ -188,7 +187,6 @@ ADAPTIVE = {
 def test_adaptive_clippers_state_does_not_grow_with_the_leaves(name):
   make = ADAPTIVE[name]
   small, large = make().init(SMALL), make().init(LARGE)
-  # spam_clip's second moments: one array per leaf shape (9 here).
   assert len(jax.tree.leaves(small)) == len(jax.tree.leaves(large)) <= 16
   # The state still serves an update, and its statistics name every leaf.
   _, state = make().update(SMALL, small, SMALL)
@@ -196,3 +194,14 @@ def test_adaptive_clippers_state_does_not_grow_with_the_leaves(name):
   if name in ("adagc", "clippy"):
     assert f"{name}/norm/h11/attn/qkv/kernel" in stats
     assert sum(k.startswith(f"{name}/norm/") for k in stats) == 148
+
+
+def test_spam_clips_moments_are_per_leaf_as_adams_and_its_statistics_flat():
+  # Full-size second moments stay one array per leaf, as optax.adam's: stacking
+  # them would copy the moments and the gradient every step (measured: step
+  # 3.1x -> 3.4x, compile 3.4x -> 5.6x optax's clip_by_global_norm + sgd).
+  small, large = clipjax.spam_clip().init(SMALL), clipjax.spam_clip().init(LARGE)
+  assert len(jax.tree.leaves(small.nu)) == len(
+    jax.tree.leaves(optax.adam(0.1).init(SMALL)[0].nu)
+  )
+  assert len(jax.tree.leaves(small.stats)) == len(jax.tree.leaves(large.stats)) <= 6
