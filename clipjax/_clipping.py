@@ -123,6 +123,7 @@ def _clip_blocks(
   results = [clip(*args) for args in per_group]
   norms, bounds, scales = ([r[k] for r in results] for k in range(3))
   if bound_of is None:
+    assert safe is not None
     bounds = [jnp.broadcast_to(safe, s.shape) for s in scales]
   stats = make_stats(
     name,

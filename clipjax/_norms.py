@@ -140,7 +140,8 @@ def block_shape(x: Any, axes: Axes) -> tuple[int, ...]:
   """The shape of ``x``'s block norms: ``x``'s shape without ``axes``."""
   if axes is None:
     return ()
-  return tuple(int(d) for i, d in enumerate(np.shape(x)) if i not in axes)
+  dims = (axes,) if isinstance(axes, int) else axes
+  return tuple(int(d) for i, d in enumerate(np.shape(x)) if i not in dims)
 
 
 def block_layout(leaves: Sequence[Any], axes: Sequence[Axes], treedef: Any) -> Layout:
@@ -557,8 +558,9 @@ def safe_bound(bound: Any, dtype: Any) -> Any:
   if _is_concrete(bound):
     value = np.asarray(bound, dtype)
     return np.where(value >= 0, value, np.zeros((), dtype))
-  value = jnp.asarray(bound).astype(dtype)
-  return lax.select(lax.ge(value, _like(0, value)), value, _like(0, value))
+  traced = jnp.asarray(bound).astype(dtype)
+  zero = _like(0, traced)
+  return lax.select(lax.ge(traced, zero), traced, zero)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
