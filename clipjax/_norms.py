@@ -254,6 +254,20 @@ def block_norms(
     return jnp.sqrt(lax.optimization_barrier(total))
 
   def combined_rescaled(total):
+    rows = leaves[0].shape[0] if leaves[0].ndim else 0
+    per_example = rows > 0 and all(
+      x.ndim and x.shape[0] == rows and a == tuple(range(1, x.ndim))
+      for x, a in zip(leaves, axes, strict=True)
+    )
+    if per_example:
+      # Per-example norms (every axis but the batch): the leaves as one
+      # (batch, elements) matrix, one reduction, cheap to compile.
+      flat = jnp.concatenate(
+        [_magnitudes(x, wide).reshape(rows, -1) for x in leaves], axis=1
+      )
+      scaled = _scaled_norm(flat, (1,), wide, _down([wide])[wide])
+      # The examples whose sum did not overflow keep their plain norm.
+      return lax.select(lax.is_finite(total), lax.sqrt(total), scaled)
     return combine_norms([n.astype(wide) for n in rescaled(sums)])
 
   overflow = jnp.any(jnp.isposinf(total))
