@@ -73,11 +73,11 @@ def _clip_blocks(
 ) -> tuple[Any, ClipStats]:
   """Clips each block of each leaf to its bound: the shared per-block path.
 
-  Each leaf's scale factor is computed from its own sums of squares
-  (:func:`_norms.block_sums`), so that XLA fuses it with the scaling as it
-  does optax's; the statistics apply the same formulas to the sums stacked,
-  one vector per shape of block (:class:`StackedStats`), so that neither the
-  program nor the state grows by more than a few ops per leaf.
+  Each leaf's scale factor is computed from its own block norms
+  (:func:`_norms.block_norms`), so that XLA fuses it with the scaling as it
+  does optax's; the statistics apply the same formulas to the norms stacked,
+  one array per shape of block (:class:`StackedStats`), so that the state
+  does not grow with the leaves and the program by only a few ops per leaf.
 
   Args:
     name: the clipper's name, for errors and statistics.
