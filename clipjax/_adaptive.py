@@ -23,7 +23,7 @@ import optax
 
 from clipjax import _norms
 from clipjax._checks import TreeShapes, check_bound, check_state_fits, is_concrete
-from clipjax._clipping import StackedStats, fraction_true, require_params
+from clipjax._clipping import _ONE_ARRAY, StackedStats, fraction_true, require_params
 from clipjax._layout import Stacked, mismatch
 from clipjax._stats import ClipStats, make_stats, with_stats
 
@@ -102,9 +102,6 @@ def _scalar_fields(tree: Any) -> StackedStats:
   leaves, treedef = jax.tree.flatten(tree)
   scalar: Any = jax.ShapeDtypeStruct((), jnp.float32)
   return StackedStats([scalar] * len(leaves), [None] * len(leaves), treedef)
-
-
-_ONE_ARRAY = jax.tree.structure(0)
 
 
 def _wrap_vector(fields: StackedStats, vector: jax.Array) -> Any:
@@ -538,18 +535,12 @@ def adagc(
     warm = first | (state.seen + 1 < warmup_steps)
     warm_scale = _norms.clip_scale(total, warmup_max_norm)
 
-    def rule(norm, gamma):
-      """The bound and scale of tensors of these norms and EMAs (one or stacked)."""
-      known = gamma > 0
-      rel_bound = jnp.where(known, relative * gamma, jnp.inf)
-      bound = jnp.where(warm, jnp.asarray(warmup_max_norm, jnp.float32), rel_bound)
-      scale = jnp.where(warm, warm_scale, _norms.clip_scale(norm, rel_bound))
-      return bound, scale
-
-    # The statistics and the new EMA: the same rule, on the norms stacked.
-    bounds, all_scales = rule(stacked, gamma)
-    scales = _split(all_scales, finite)
+    # Bounds, scales and the new EMA, on the norms stacked.
     known = gamma > 0
+    rel_bound = jnp.where(known, relative * gamma, jnp.inf)
+    bounds = jnp.where(warm, jnp.asarray(warmup_max_norm, jnp.float32), rel_bound)
+    all_scales = jnp.where(warm, warm_scale, _norms.clip_scale(stacked, rel_bound))
+    scales = _split(all_scales, finite)
     clipped = stacked * all_scales
     # gamma == 0 means "no history yet"; a zero norm is not an observation.
     smallest = jnp.where(known, jnp.minimum(gamma, clipped), clipped)
