@@ -92,14 +92,21 @@ class Layout:
     return out
 
   def unstack(
-    self, stacked: Sequence[Any], fill: Sequence[Any], ranks: Sequence[Any] = ()
+    self,
+    stacked: Sequence[Any],
+    fill: Sequence[Any],
+    ranks: Sequence[Any] = (),
+    rows: Sequence[Sequence[Any]] = (),
   ) -> list[Any]:
     """Per-leaf values from per-group stacked trees; ``fill[i]`` for empty leaves.
 
     ``ranks[g]`` holds the per-leaf rank of each array of group ``g``'s tree
     (in ``jax.tree.leaves`` order), so that the group axis is found even below
     leading axes added since (a device axis, a vmapped batch of models);
-    without it, the group axis is axis 0.
+    without it, the group axis is axis 0. ``rows[g][j]``, if given, is a
+    traced index to read leaf ``j`` of group ``g`` at instead of ``j``: a
+    constant offset makes the kernel reading each leaf distinct, so XLA:CPU
+    compiles one per leaf; a runtime index keeps one per group.
     """
     out = list(fill)
     for g, (idx, tree) in enumerate(zip(self.groups, stacked, strict=True)):
@@ -107,16 +114,20 @@ class Layout:
       rank = ranks[g] if ranks else tuple(np.ndim(a) - 1 for a in arrays)
       axes = [np.ndim(a) - r - 1 for a, r in zip(arrays, rank, strict=True)]
       for j, i in enumerate(idx):
-        rows = [_row(a, j, ax) for a, ax in zip(arrays, axes, strict=True)]
-        out[i] = jax.tree.unflatten(treedef, rows)
+        at = rows[g][j] if rows and len(idx) > 1 else j
+        leaf = [_row(a, at, ax) for a, ax in zip(arrays, axes, strict=True)]
+        out[i] = jax.tree.unflatten(treedef, leaf)
     return out
 
 
-def _row(a: Any, j: int, axis: int) -> Any:
-  """Row ``j`` along ``axis``, or its shape for a ``jax.ShapeDtypeStruct``."""
+def _row(a: Any, j: Any, axis: int) -> Any:
+  """Row ``j`` (static, or a traced index) along ``axis``; for a
+  ``jax.ShapeDtypeStruct``, its shape."""
   if isinstance(a, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct(a.shape[:axis] + a.shape[axis + 1 :], a.dtype)
-  return jnp.take(a, j, axis=axis)
+  if isinstance(j, int):
+    return jnp.take(a, j, axis=axis)
+  return jax.lax.dynamic_index_in_dim(a, j, axis, keepdims=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -185,20 +185,6 @@ def _keep_if(ok: jax.Array, new: list[Any], old: list[Any]) -> list[Any]:
   ]
 
 
-def _unstack_rows(
-  layout: Layout, outs: list[jax.Array], rows: list[jax.Array], leaves: list[Any]
-) -> list[Any]:
-  """Each leaf's update: row ``rows[g][j]`` of its group's ``outs[g]``."""
-  new = list(leaves)  # empty leaves pass through
-  for idx, out, r in zip(layout.groups, outs, rows, strict=True):
-    for j, i in enumerate(idx):
-      if len(idx) == 1:
-        new[i] = out[0]
-      else:
-        new[i] = jax.lax.dynamic_index_in_dim(out, r[j], keepdims=False)
-  return new
-
-
 def _all_finite(groups: list[jax.Array], outs: list[jax.Array]) -> jax.Array:
   """Whether every gradient and decoded update is finite: one reduction per group."""
   pairs = zip(groups, outs, strict=True)
@@ -471,7 +457,7 @@ def staged_transform(
       feedback=Stacked.of(fgroups, layout),
       stats=stats,
     )
-    new = _unstack_rows(layout, outs, rows, leaves)
+    new = layout.unstack(outs, leaves, rows=rows)  # empty leaves pass through
     return jax.tree.unflatten(layout.treedef, new), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
