@@ -122,9 +122,8 @@ def _clip_blocks(
   per_group = zip(fields.stack(all_norms[:n]), g_divisor, g_companion, strict=True)
   results = [clip(*args) for args in per_group]
   norms, bounds, scales = ([r[k] for r in results] for k in range(3))
-  if bound_of is None:
-    assert safe is not None
-    bounds = [jnp.broadcast_to(safe, s.shape) for s in scales]
+  # A scalar bound is recorded once per block, as the companions' bounds are.
+  bounds = [jnp.broadcast_to(b, s.shape) for b, s in zip(bounds, scales, strict=True)]
   stats = make_stats(
     name,
     fields.wrap(norms),

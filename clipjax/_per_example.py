@@ -56,7 +56,13 @@ class PerExampleClipInfo:
   vmapped: tuple[str, ...] = ()
 
 
-def _check_batch_dim(call: str, grads: Any) -> list[jax.Array]:
+def _batch_leaves(
+  call: str, grads: Any
+) -> tuple[list[jax.Array], list[tuple[int, ...]]]:
+  """The per-example leaves (integers as float32) and the axes of one example.
+
+  Raises ``ValueError`` unless every leaf has the same batch size on axis 0.
+  """
   leaves = [jnp.asarray(g) for g in jax.tree.leaves(grads)]
   if not leaves or any(g.ndim < 1 or g.shape[0] != leaves[0].shape[0] for g in leaves):
     raise ValueError(
@@ -64,14 +70,13 @@ def _check_batch_dim(call: str, grads: Any) -> list[jax.Array]:
       " dimension in the 0th axis; got shapes:"
       f" {jax.tree.map(jnp.shape, grads)}."
     )
-  return leaves
+  leaves = [
+    g if jnp.issubdtype(g.dtype, jnp.inexact) else g.astype(jnp.float32) for g in leaves
+  ]
+  return leaves, [tuple(range(1, g.ndim)) for g in leaves]
 
 
 _ONE_BOUND = "It is one bound for every example (jax.vmap the call for many)."
-
-
-def _as_float(g: jax.Array) -> jax.Array:
-  return g if jnp.issubdtype(g.dtype, jnp.inexact) else g.astype(jnp.float32)
 
 
 def _weighted_sums(
@@ -146,10 +151,8 @@ def per_example_global_norm_clip(
     <https://arxiv.org/abs/1607.00133>`_, 2016.
   """
   call = "per_example_global_norm_clip"
-  leaves = _check_batch_dim(call, grads)
+  leaves, axes = _batch_leaves(call, grads)
   check_bound(call, "l2_norm_clip", l2_norm_clip, allow_inf=True, hint=_ONE_BOUND)
-  leaves = [_as_float(g) for g in leaves]
-  axes = [tuple(range(1, g.ndim)) for g in leaves]
   norms = _norms.block_norms(leaves, axes, combine=True)[0]
   finite = jnp.isfinite(norms)
   multipliers = jnp.where(finite, _norms.clip_scale(norms, l2_norm_clip), 0)
@@ -196,7 +199,7 @@ def per_example_layer_norm_clip(
     <https://arxiv.org/abs/1710.06963>`_, 2018.
   """
   call = "per_example_layer_norm_clip"
-  leaves = _check_batch_dim(call, grads)
+  leaves, axes = _batch_leaves(call, grads)
   check_bound(
     call, "global_l2_norm_clip", global_l2_norm_clip, allow_inf=True, hint=_ONE_BOUND
   )
@@ -205,8 +208,6 @@ def per_example_layer_norm_clip(
   else:
     total = sum(g[0].size for g in leaves)
     bounds = [global_l2_norm_clip * (g[0].size / total) ** 0.5 for g in leaves]
-  leaves = [_as_float(g) for g in leaves]
-  axes = [tuple(range(1, g.ndim)) for g in leaves]
   # Every leaf's per-example norms at once: one overflow check for the tree.
   norms = _norms.block_norms(leaves, axes)
   finite = [jnp.isfinite(n) for n in norms]
