@@ -308,8 +308,22 @@ def _bucket_max(xb: jax.Array) -> jax.Array:
 
 
 def _bucket_l2(xb: jax.Array) -> jax.Array:
+  """The L2 norm of each row, as float32.
+
+  The squares are taken inside the reduction, so that it still reads the input
+  straight (see :func:`_bucket_max`): a pair ``(a, b)`` stands for ``a * b``,
+  each element enters as ``(x, x)``, and two pairs combine into ``(a1 * b1 +
+  a2 * b2, 1)``, which depends only on what they stand for, so any order of
+  reduction gives the sum of squares (rounded as a plain sum would be).
+  """
+
+  def combine(p, q):
+    return p[0] * p[1] + q[0] * q[1], jnp.ones_like(p[1])
+
   wide = xb.astype(_F32)
-  return jnp.sqrt(jnp.sum(wide * wide, axis=1))
+  zero, one = jnp.zeros((), _F32), jnp.ones((), _F32)
+  squares, _ = lax.reduce((wide, wide), (zero, one), combine, (1,))
+  return jnp.sqrt(squares)
 
 
 def qsgd(
