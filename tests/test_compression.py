@@ -615,7 +615,11 @@ def test_error_feedback_conserves_mass(name, dtype):
         np.testing.assert_array_equal(sent + e_new, a)  # bitwise
       else:  # exact up to the rounding of the residual itself
         err = np.abs(sent.astype(np.float64) + e_new - a)
-        assert np.all(err <= np.spacing(np.abs(e_new)) / 2 + 1e-45)
+        bound = np.spacing(np.abs(e_new)) / 2 + 1e-45
+        if name in ("powersgd", "random_k"):
+          # and of the fused product, rounded apart in what was sent
+          bound = bound + np.spacing(np.abs(sent)) / 2
+        assert np.all(err <= bound)
 
 
 def test_error_feedback_delivers_everything_eventually():

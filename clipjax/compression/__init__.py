@@ -47,13 +47,14 @@ run inside ``shard_map``, one device's pass being::
     update, fstate, _ = feedback.finish(g, fstate, local_hat, mean_hat)
 
 Random-k needs the same key on every worker; quantizers may be given
-per-worker keys. Stochastic rounding draws its per-element bits from a
-counter-based hash keyed by the JAX key (``jax.random``'s threefry costs about
-fifty memory passes per element on CPU). The quantizers decode with exact
-arithmetic (bit operations, selects, products that fit float32), so every
-device decodes bit-identical values whatever XLA fuses. Compressors assume a
-leaf of at least one element (the transform passes empty leaves through) and
-int32 indexing (fewer than ``2**31`` elements).
+per-worker keys. Stochastic rounding, random-k's indices, sampled top-k's
+sample and PowerSGD's fresh start draw from a counter-based hash keyed by the
+JAX key's data (``jax.random``'s threefry costs about fifty memory passes per
+element on CPU, and a large share of the compiled program). The quantizers
+decode with exact arithmetic (bit operations, selects, products that fit
+float32), so every device decodes bit-identical values whatever XLA fuses.
+Compressors assume a leaf of at least one element (the transform passes empty
+leaves through) and int32 indexing (fewer than ``2**31`` elements).
 
 Examples:
   >>> import jax, jax.numpy as jnp, optax

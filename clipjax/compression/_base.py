@@ -201,9 +201,12 @@ def compute_dtype(dtype: Any) -> np.dtype:
 #
 # jax.random (threefry) costs about fifty memory passes per element on CPU, which
 # would make every stochastic quantizer ten times slower than the memory traffic
-# it saves. Stochastic rounding needs only uniform marginals: each element's bits
-# are two rounds of MurmurHash3's finalizer (a bijection of uint32) over its index,
-# keyed by 64 bits drawn from the JAX key. For a uniformly random key each
+# it saves, and a threefry per group of leaves is a large share of a compressor's
+# compiled program. Stochastic rounding and index sampling need only uniform
+# marginals: each element's bits are two rounds of MurmurHash3's finalizer (a
+# bijection of uint32) over its index, keyed by 64 bits mixed from the key's own
+# data. The keys compress gives are threefry outputs already (fold_in of the
+# step's key), so no further threefry is drawn; for a uniformly random key each
 # element's draw is exactly uniform; XLA fuses the hash into the quantizer's loop.
 
 
@@ -216,8 +219,28 @@ def _fmix32(h: jax.Array) -> jax.Array:
 
 
 def hash_seeds(key: jax.Array) -> jax.Array:
-  """Two ``uint32`` words drawn from ``key``: the seed of :func:`hash_bits`."""
-  return jax.random.bits(key, (2,), jnp.uint32)
+  """Two ``uint32`` words from ``key`` (raw key data or a typed key): the seed of
+  :func:`hash_bits`.
+
+  The key's data words, each mixed with the others through the finalizer, so
+  that keys differing in one bit (``PRNGKey(0)``, ``PRNGKey(1)``) give unrelated
+  seeds. Elementwise on a few words: no threefry.
+
+  Examples:
+    >>> import jax
+    >>> from clipjax.compression._base import hash_seeds
+    >>> a, b = hash_seeds(jax.random.PRNGKey(0)), hash_seeds(jax.random.key(0))
+    >>> print(a.dtype, a.shape, bool((a == b).all()))
+    uint32 (2,) True
+  """
+  if jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  words = jnp.asarray(key).astype(jnp.uint32).reshape(-1)
+  low, high = jnp.uint32(0x9E3779B9), jnp.uint32(0x7F4A7C15)
+  for i in range(words.shape[0]):
+    low = _fmix32(low ^ words[i])
+    high = _fmix32(high ^ words[words.shape[0] - 1 - i])
+  return jnp.stack([low, _fmix32(high ^ low)])
 
 
 def hash_bits(seeds: jax.Array, index: jax.Array) -> jax.Array:
@@ -235,6 +258,39 @@ def uniform01(bits: jax.Array) -> jax.Array:
   """float32 in ``[0, 1)`` from the top 23 bits (multiples of ``2**-23``)."""
   one = lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
   return one - jnp.float32(1.0)
+
+
+def random_below(key: jax.Array, span: jax.Array | int, shape: Shape) -> jax.Array:
+  """int32 in ``[0, span)`` of ``shape`` (``span`` broadcasts, ``1 <= span < 2**31``).
+
+  Two 32-bit draws per element combined as ``jax.random.randint`` combines
+  them, ``(hi % span) * (2**32 % span) + lo % span`` taken ``% span``: for
+  ``span <= 2**16`` each value's probability is ``1 / span`` to about
+  ``span / 2**64``.
+
+  Examples:
+    >>> import jax
+    >>> from clipjax.compression._base import random_below
+    >>> r = random_below(jax.random.PRNGKey(0), jax.numpy.arange(1, 6), (5,))
+    >>> print(r.dtype, bool(((r >= 0) & (r < jax.numpy.arange(1, 6))).all()))
+    int32 True
+  """
+  seeds = hash_seeds(key)
+  index = lax.iota(jnp.uint32, numel(shape)).reshape(shape) * jnp.uint32(2)
+  hi, lo = hash_bits(seeds, index), hash_bits(seeds, index + jnp.uint32(1))
+  span = jnp.asarray(span).astype(jnp.uint32)
+  mult = lax.rem(jnp.uint32(1 << 16), span)
+  mult = lax.rem(mult * mult, span)
+  offset = lax.rem(hi, span) * mult + lax.rem(lo, span)
+  return lax.rem(offset, span).astype(jnp.int32)
+
+
+def random_normal(key: jax.Array, shape: Shape) -> jax.Array:
+  """float32 standard normals of ``shape``: ``sqrt(2) * erfinv(u)`` with ``u``
+  uniform on the ``2**23`` odd multiples of ``2**-23`` in ``(-1, 1)``, as
+  ``jax.random.normal`` draws them from a finer uniform (tails end at 5.3)."""
+  u = uniform01(random_bits(key, shape)) * jnp.float32(2.0) + jnp.float32(2.0**-23 - 1)
+  return jnp.float32(np.sqrt(2.0)) * lax.erf_inv(u)
 
 
 # -- bit packing -------------------------------------------------------------------

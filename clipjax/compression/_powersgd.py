@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from clipjax.compression._base import Compressor, Shape, check_int, numel
+from clipjax.compression._base import (
+  Compressor,
+  Shape,
+  check_int,
+  numel,
+  random_normal,
+)
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST
@@ -141,7 +147,7 @@ def powersgd(
     return jax.random.normal(jax.random.PRNGKey(0), (m, rank), _F32)
 
   def start(state: Any, key: jax.Array, m: int) -> jax.Array:
-    fresh = jax.random.normal(key, (m, rank), _F32)
+    fresh = random_normal(key, (m, rank))
     if not warm_start:
       return fresh
     return jnp.where(jnp.any(state != 0), state, fresh)

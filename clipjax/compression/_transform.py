@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from clipjax import _norms
 from clipjax._checks import check_state_fits
@@ -162,25 +163,28 @@ def _skip_unless(
   skipped, a row of zeros like any other), so XLA cannot fold them into
   constants: the kernel that reads a leaf's row out of its group is then the
   same for every leaf of the group, and XLA:CPU compiles it once, not once
-  per leaf (on a GPT-2 tree, 148 kernels become 9). The arrays go through
-  ``where``, which XLA fuses into their readers (a ``cond`` over them would
-  write each group's decoded update out and copy it: a slower step).
+  per leaf (on a GPT-2 tree, 148 kernels become 9). ``ok`` comes out of the
+  cond too, so that each leaf's reader tests one flag instead of recomputing
+  it from every group's, and the rows are unsigned, so that reading one needs
+  no test for a negative index. The arrays go through ``where``, which XLA
+  fuses into their readers (a ``cond`` over them would write each group's
+  decoded update out and copy it: a slower step).
   """
   rows = [range(len(idx)) for idx in layout.groups]
-  got = jax.lax.cond(
+  ok, got = jax.lax.cond(
     ok,
-    lambda: [[jnp.int32(j) for j in r] for r in rows],
-    lambda: [[jnp.int32(0) for _ in r] for r in rows],
+    lambda: (jnp.array(True), [[jnp.uint32(j) for j in r] for r in rows]),
+    lambda: (jnp.array(False), [[jnp.uint32(0) for _ in r] for r in rows]),
   )
   outs, cs, fs = new
-  zeros = [jnp.where(ok, o, jnp.zeros_like(o)) for o in outs]
+  zeros = [lax.select(ok, o, jnp.zeros_like(o)) for o in outs]
   return zeros, _keep_if(ok, cs, old[0]), _keep_if(ok, fs, old[1]), got
 
 
 def _keep_if(ok: jax.Array, new: list[Any], old: list[Any]) -> list[Any]:
   """``new`` where ``ok``, else ``old``, leaf by leaf."""
   return [
-    jax.tree.map(lambda n, o: jnp.where(ok, n, o), a, b)
+    jax.tree.map(lambda n, o: lax.select(ok, n, o), a, b)
     for a, b in zip(new, old, strict=True)
   ]
 
