@@ -11,6 +11,12 @@ then followed through the program until it meets a batched value (a *contact*):
   whichever costs less;
 - ``gather(E, indices)`` (an embedding lookup): the Gram form with the
   "same token" mask;
+- ``conv_general_dilated(activation, K)`` (a convolution in any number of
+  spatial dimensions, with any strides, dilations, padding, layout and
+  feature groups): the layer's input as patches (one row of ``C_in/G * k``
+  values per output position and group), then per group either the Gram
+  form or the explicit per-example kernel gradient, whichever costs less
+  (mixed ghost clipping, Bu et al. 2022);
 - an elementwise op with a parameter broadcast over the batch (biases, the
   scale and offset of a layer norm): the per-example gradients are formed
   explicitly; they are no larger than the activations.
@@ -19,12 +25,13 @@ The output gradients ``g`` come from one backward pass with respect to zero
 *probes* added at each contact; the weights are never differentiated there.
 The clipped sum is then one more transposed product per contact, with ``g``'s
 rows scaled by each example's clip factor (book-keeping, Bu et al. 2023).
-Leaves whose contact is anything else (a convolution, a scan, a custom rule, a
-weight used twice) are reported as fallbacks; the caller gets their
+Leaves whose contact is anything else (a scan, a custom rule, a weight used
+twice) are reported as fallbacks; the caller gets their
 per-example gradients by ``jax.vmap``.
 """
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -94,13 +101,13 @@ _CONST = None  # a value that depends on neither
 class Tap:
   """One contact of a parameter leaf with the batch, handled without vmap."""
 
-  kind: str  # "dense", "embedding", "elementwise" or "broadcast"
+  kind: str  # "dense", "embedding", "conv", "elementwise" or "broadcast"
   key: tuple[int, ...]  # eqn indices through inlined calls, then the operand
   leaf: int
   chain: tuple[Any, ...]
   eqn: Any
   batch_axis: int  # of the contact's output
-  act_batch_axis: int  # of the activation (dense) or the indices (embedding)
+  act_batch_axis: int  # of the activation (dense, conv) or the indices (embedding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +248,17 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
           chain = ins[p_idx].chain
           taps.append(Tap("dense", (*key, p_idx), leaf, chain, e1, k, a_axis))
           return
+    if name == "conv_general_dilated":
+      leaf = _single_leaf(ins[1], keep_norm=True)
+      dn = e1.params["dimension_numbers"]
+      if (
+        leaf is not None
+        and _one_axis(ins[0]) == dn.lhs_spec[0]
+        and k == dn.out_spec[0]
+        and e1.params["batch_group_count"] == 1
+      ):
+        taps.append(Tap("conv", (*key, 1), leaf, ins[1].chain, e1, k, dn.lhs_spec[0]))
+        return
     if name == "gather":
       leaf = _single_leaf(ins[0], keep_norm=True)
       i_axis = _one_axis(ins[1])
@@ -296,7 +314,7 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
   for t in taps:
     per_leaf.setdefault(t.leaf, []).append(t)
   for leaf, ts in per_leaf.items():
-    if len(ts) > 1 and any(t.kind in ("dense", "embedding") for t in ts):
+    if len(ts) > 1 and any(t.kind in ("dense", "embedding", "conv") for t in ts):
       fallback.setdefault(leaf, f"used by {len(ts)} layers")
   kept = tuple(t for t in taps if t.leaf not in fallback)
   return Analysis(kept, fallback)
@@ -459,6 +477,88 @@ def dense_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.sum(outer**2, axis=(1, 2))
 
 
+def conv_sizes(tap: Tap) -> tuple[int, int, int, int]:
+  """``(T, G, D, P)`` of a convolution tap, per example.
+
+  ``T`` output positions, ``G`` feature groups, ``D = C_in / G * prod(kernel
+  window)`` inputs and ``P = C_out / G`` outputs of each group's kernel.
+  """
+  dn = tap.eqn.params["dimension_numbers"]
+  out = tap.eqn.outvars[0].aval.shape
+  rhs = tap.eqn.invars[1].aval.shape
+  groups = int(tap.eqn.params["feature_group_count"])
+  t = math.prod(out[d] for d in dn.out_spec[2:])
+  d = rhs[dn.rhs_spec[1]] * math.prod(rhs[d] for d in dn.rhs_spec[2:])
+  return t, groups, d, rhs[dn.rhs_spec[0]] // groups
+
+
+def conv_method(tap: Tap) -> str:
+  """``"gram"`` or ``"explicit"``, by :func:`dense_method` on each group's sizes."""
+  t, _, d, p = conv_sizes(tap)
+  return "explicit" if dense_method(t, d, p) == "outer" else "gram"
+
+
+def conv_slices(tap: Tap, act: jax.Array) -> list[jax.Array]:
+  """The layer's input seen by each window position, as ``(B, T, G, C_in / G)``.
+
+  For window position ``k``, the input elements that meet kernel entry ``k``
+  at each of the ``T`` output positions: one strided slice of the padded
+  (and, for ``lhs_dilation``, interior-padded) input, in the layout
+  ``(batch, *spatial, channels)`` (a no-op for Flax's NHWC). The window
+  positions come in C order. The patches are never stacked: the products
+  that use them are summed over the window instead, faster on XLA:CPU than
+  stacked patches or ``lax.conv_general_dilated_patches`` (a grouped
+  convolution) across the layer shapes of a CNN.
+  """
+  params = tap.eqn.params
+  dn = params["dimension_numbers"]
+  t, groups, _, _ = conv_sizes(tap)
+  rhs = tap.eqn.invars[1].aval.shape
+  window = [rhs[i] for i in dn.rhs_spec[2:]]
+  out = [tap.eqn.outvars[0].aval.shape[i] for i in dn.out_spec[2:]]
+  x = jnp.transpose(act, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
+  b, c = x.shape[0], x.shape[-1]
+  config = [(0, 0, 0)]
+  for (lo, hi), dil in zip(params["padding"], params["lhs_dilation"], strict=True):
+    config.append((lo, hi, dil - 1))
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype), [*config, (0, 0, 0)])
+  strides, rhs_dil = params["window_strides"], params["rhs_dilation"]
+  slices = []
+  for offset in itertools.product(*(range(k) for k in window)):
+    start = [o * r for o, r in zip(offset, rhs_dil, strict=True)]
+    limit = [a + (n - 1) * st + 1 for a, n, st in zip(start, out, strides, strict=True)]
+    piece = jax.lax.slice(x, [0, *start, 0], [b, *limit, c], [1, *strides, 1])
+    slices.append(piece.reshape(b, t, groups, c // groups))
+  return slices
+
+
+def conv_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
+  """Per-example squared norm of a convolution kernel's gradient.
+
+  Example ``b``'s kernel gradient at window position ``k`` is, per group,
+  ``A_bk^T G_b``: the ``(T, C_in / G)`` input slice that meets it
+  (:func:`conv_slices`) against the ``(T, C_out / G)`` output gradient. The
+  squared norm, summed over the window and the groups, comes from those
+  products formed explicitly, or from the Gram matrices
+  ``(sum_k A_bk A_bk^T) * (G_b G_b^T)``, whichever costs fewer multiply-adds
+  (:func:`conv_method`).
+  """
+  dn = tap.eqn.params["dimension_numbers"]
+  t, groups, _, p = conv_sizes(tap)
+  slices = [_f32(a) for a in conv_slices(tap, act)]
+  g = jnp.transpose(g, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  g_r = _f32(g.reshape(g.shape[0], t, groups, p))
+  if conv_method(tap) == "gram":
+    ga = sum(jnp.einsum("btgc,bsgc->bgts", a, a, precision=_HIGHEST) for a in slices)
+    gg = jnp.einsum("btgp,bsgp->bgts", g_r, g_r, precision=_HIGHEST)
+    return jnp.sum(ga * gg, axis=(1, 2, 3))
+  total = jnp.zeros(g_r.shape[:1], g_r.dtype)
+  for a in slices:
+    kernel = jnp.einsum("btgc,btgp->bgcp", a, g_r, precision=_HIGHEST)
+    total = total + jnp.sum(kernel**2, axis=(1, 2, 3))
+  return total
+
+
 def embedding_sq_norms(tap: Tap, idx: jax.Array, g: jax.Array) -> jax.Array:
   """Per-example squared norm of an embedding table's gradient."""
   b = idx.shape[tap.act_batch_axis]
@@ -559,6 +659,8 @@ def describe(
       d_out = leaf_size // max(d_in, 1)
       how = "T=1" if t == 1 else dense_method(t, d_in, d_out)
       lines[tap.leaf] = f"ghost: dense ({how})"
+    elif tap.kind == "conv":
+      lines[tap.leaf] = f"ghost: conv ({conv_method(tap)})"
     elif tap.kind == "embedding":
       lines[tap.leaf] = "ghost: embedding"
     elif tap.kind == "broadcast":

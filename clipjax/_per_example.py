@@ -289,13 +289,17 @@ def per_example_clipped_grad(
     with an activation, also with sequence inputs ``(B, T, d)``) and embedding
     lookups (``W[ids]``) get their per-example norms from the layer's inputs and
     output gradients (ghost norms: the Gram form when ``T (d_in + d_out) <=
-    d_in d_out``, else the per-example outer product); biases and other
-    parameters broadcast over the batch in an elementwise op (layer-norm scales)
-    get small explicit per-example gradients. One backward pass gives the
-    output gradients, and one transposed product per layer, with each
-    example's rows scaled by its clip factor, gives the clipped sum
-    (book-keeping). Anything else (convolutions, scans, custom derivative
-    rules, a weight used by two layers) falls back to ``jax.vmap`` for that
+    d_in d_out``, else the per-example outer product); convolution kernels
+    (``lax.conv_general_dilated``, ``nnx.Conv``; any strides, dilations,
+    padding, layout and feature groups) theirs from the input sliced once per
+    window position, by the Gram form or the per-example kernel gradient,
+    whichever costs less; biases and other parameters broadcast over the
+    batch in an elementwise op (layer-norm scales) get small explicit
+    per-example gradients. One backward pass gives the output gradients, and
+    one transposed product per layer, with each example's rows scaled by its
+    clip factor, gives the clipped sum (book-keeping). Anything else (scans,
+    custom derivative rules, a weight used by two layers) falls back to
+    ``jax.vmap`` for that
     parameter only; ``f.plan(params, *batch)`` lists how each is handled.
   - ``"auto"`` (default): ``"ghost"``, or ``"vmap"`` when the loss traces to a
     different program at the second batch size (``"ghost"`` then raises).
@@ -576,6 +580,8 @@ def _ghost_parts(
       sq[tap.leaf] = sq[tap.leaf] + _ghost.dense_sq_norms(tap, records[key], g)
     elif tap.kind == "embedding":
       sq[tap.leaf] = sq[tap.leaf] + _ghost.embedding_sq_norms(tap, records[key], g)
+    elif tap.kind == "conv":
+      sq[tap.leaf] = sq[tap.leaf] + _ghost.conv_sq_norms(tap, records[key], g)
     else:
       if tap.kind == "broadcast":
         per_operand = _ghost.broadcast_per_example(tap, g)
@@ -607,7 +613,7 @@ def _ghost_parts(
       weighted = g.astype(acc) * _ghost.expand_rows(c[tap.leaf].astype(acc), g, k)
       weighted = jnp.where(_ghost.expand_rows(keep, g, k), weighted, jnp.zeros((), acc))
       rec = records[key]
-      if tap.kind == "dense":
+      if tap.kind in ("dense", "conv"):
         rec = jnp.where(
           _ghost.expand_rows(keep, rec, tap.act_batch_axis),
           rec,

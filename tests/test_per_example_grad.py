@@ -239,24 +239,24 @@ def test_dense_picks_outer_product_when_the_sequence_is_long():
 
 
 def test_unsupported_layers_fall_back_to_vmap_and_say_so():
-  """A convolution and a tied weight: both fall back; the result is still exact."""
+  """A custom-JVP function and a tied weight: both fall back; the result is exact."""
   key = jax.random.key(0)
   params = {
-    "conv": _normal(key, (4, 1, 3)),  # OIW
+    "shift": _normal(key, (4,)),
     "embed": _normal(jax.random.fold_in(key, 1), (9, 4)),
     "dense": _normal(jax.random.fold_in(key, 2), (4, 4)),
   }
 
   def loss_fn(p, signal, ids):
-    feats = jax.lax.conv_general_dilated(signal[:, None], p["conv"], (1,), "SAME")
-    h = feats.mean(-1) + jnp.take(p["embed"], ids, axis=0)
+    feats = jnp.logaddexp(signal[:, :4], p["shift"])  # a custom_jvp rule
+    h = feats + jnp.take(p["embed"], ids, axis=0)
     logits = (h @ p["dense"]) @ p["embed"].T  # the embedding is tied
     return jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
 
   batch = (_normal(jax.random.key(3), (5, 6)), jnp.arange(5) % 9)
   f = clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0)
   plan = f.plan(params, *batch)
-  assert plan["['conv']"].startswith("vmap (used by `conv_general_dilated`")
+  assert plan["['shift']"].startswith("vmap (used by `custom_jvp_call`")
   assert plan["['embed']"] == "vmap (used by 2 layers)"
   assert plan["['dense']"] == "ghost: dense (T=1)"
   ref = explicit_reference(loss_fn, params, batch, 1.0)
@@ -265,7 +265,7 @@ def test_unsupported_layers_fall_back_to_vmap_and_say_so():
   assert_matches(grads, ref)
   with_info = clipjax.per_example_clipped_grad(loss_fn, l2_clip=1.0, return_info=True)
   _, info = jax.jit(with_info)(params, *batch)
-  assert info.vmapped == ("['conv']", "['embed']")
+  assert info.vmapped == ("['embed']", "['shift']")
   np.testing.assert_allclose(info.norms, ref.norms, rtol=RTOL)
 
 
