@@ -189,11 +189,27 @@ def _keep_if(ok: jax.Array, new: list[Any], old: list[Any]) -> list[Any]:
   ]
 
 
-def _all_finite(groups: list[jax.Array], outs: list[jax.Array]) -> jax.Array:
-  """Whether every gradient and decoded update is finite: one reduction per group."""
-  pairs = zip(groups, outs, strict=True)
-  flags = [jnp.all(jnp.isfinite(g) & jnp.isfinite(o)) for g, o in pairs]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+def _finite_and_nonzero(
+  groups: list[jax.Array], outs: list[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+  """Whether every gradient and decoded update is finite, and how many entries
+  of the updates are nonzero (float32): one variadic reduction per group (as
+  two, XLA:CPU compiles each its own tree of kernels)."""
+
+  def combine(a, b):
+    return lax.min(a[0], b[0]), a[1] + b[1]
+
+  finite, nonzero = jnp.array(True), jnp.zeros((), jnp.float32)
+  for g, o in zip(groups, outs, strict=True):
+    flags = (jnp.isfinite(g) & jnp.isfinite(o)).astype(jnp.int32)
+    counts = (o != 0).astype(jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    ok, count = lax.reduce(
+      (flags, counts), (jnp.ones((), jnp.int32), zero), combine, tuple(range(g.ndim))
+    )
+    finite = finite & (ok > 0)
+    nonzero = nonzero + count.astype(jnp.float32)
+  return finite, nonzero
 
 
 def _zero_stats(name: str) -> CompressionStats:
@@ -430,7 +446,7 @@ def staged_transform(
       sent = jnp.asarray(sent_by_stage, jnp.float32)[index]
     # A non-finite gradient (or decoded update) must not reach the residuals,
     # estimates or factors, where it would stay for good: the step is skipped.
-    finite = _all_finite(groups, outs)
+    finite, nonzero = _finite_and_nonzero(groups, outs)
     if agree is not None:
       finite = agree(finite)
     outs, cgroups, fgroups, rows = _skip_unless(
@@ -441,16 +457,12 @@ def staged_transform(
       dense = float(sum(int(g.size) * g.dtype.itemsize for g in leaves))
     else:
       dense = float(dense_bytes(leaves))
-    nonzero = sum(
-      (jnp.count_nonzero(o).astype(jnp.float32) for o in outs),
-      jnp.zeros((), jnp.float32),
-    )
     stats = CompressionStats(
       bytes_sent=sent,
       bytes_received=sent,
       dense_bytes=jnp.asarray(dense, jnp.float32),
       ratio=jnp.where(sent > 0, dense / jnp.maximum(sent, 1.0), 1.0),
-      density=nonzero / max(total, 1),
+      density=lax.select(finite, nonzero, jnp.zeros_like(nonzero)) / max(total, 1),
       residual_norm=_norms.global_norm(missing).astype(jnp.float32),
       name=name,
     )
