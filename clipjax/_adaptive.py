@@ -14,16 +14,18 @@ optimizer as well (its state left untouched), wrap the optimizer in
 :func:`skip_and_clip`.
 """
 
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from clipjax import _norms
 from clipjax._checks import TreeShapes, check_bound, check_state_fits, is_concrete
-from clipjax._clipping import _ONE_ARRAY, StackedStats, fraction_true, require_params
+from clipjax._clipping import _ONE_ARRAY, StackedStats, require_params
 from clipjax._layout import Stacked, mismatch
 from clipjax._stats import ClipStats, make_stats, with_stats
 
@@ -53,44 +55,109 @@ def _check_steps(call: str, name: str, value: Any, minimum: int):
     raise ValueError(f"{call}({name}={value!r}) must be an int >= {minimum}.")
 
 
-def _finish(updates: Any, clipped: Any, finite: jax.Array, nonfinite: str) -> Any:
-  """The clipped update on a finite step; zeros or ``updates`` as is on a bad one."""
+def _finish(updates: Any, factors: Any, nonfinite: str) -> Any:
+  """Each leaf scaled by its factor; zeros or the leaf as is where it is negative.
 
-  def pick(x, y):
-    bad = jnp.zeros((), y.dtype) if nonfinite == "zero" else x
-    return jnp.where(finite, y, bad)
-
-  return jax.tree.map(pick, updates, clipped)
-
-
-def _scale(updates: Any, scales: Any) -> Any:
-  """Scales each leaf by ``scales``: a scalar, or a list with one per leaf."""
+  ``factors``: one scalar for every leaf, or a list with one per leaf, from
+  :func:`_factors`: the scale factor (in ``[0, 1]``) on a finite step, -1 on
+  a step to drop. Folding the step's finiteness into the factor keeps each
+  leaf's kernel to a compare, a multiply and a select. ``lax.select``, not
+  ``jnp.where``: this runs once per leaf, and ``jnp.where`` traces a nested
+  ``jit`` each time.
+  """
   leaves, treedef = jax.tree.flatten(updates)
-  if not isinstance(scales, list):
-    scales = [scales] * len(leaves)
-  out = [_norms.scale_leaf(x, s) for x, s in zip(leaves, scales, strict=True)]
+  if not isinstance(factors, list):
+    factors = [factors] * len(leaves)
+
+  def pick(x, factor):
+    y = _norms.scale_leaf(x, factor)
+    bad = lax.full_like(y, 0) if nonfinite == "zero" else x
+    keep = lax.ge(factor, lax.full_like(factor, 0))
+    return lax.select(lax.broadcast(keep, y.shape), y, bad)
+
+  out = [pick(x, f) for x, f in zip(leaves, factors, strict=True)]
   return jax.tree.unflatten(treedef, out)
 
 
-def _leaf_norms(
-  call: str, updates: Any
-) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-  """Each leaf's L2 norm (float32), the same stacked, and the global norm.
+def _factors(scales: jax.Array, finite: jax.Array) -> Any:
+  """The factors :func:`_finish` takes: ``scales`` where ``finite``, else -1.
 
-  A leaf's scale factor is best computed from its own norm, which XLA fuses
-  with the scaling; statistics are best computed from the stacked vector (one
-  concatenation), never by slicing a vector back into every leaf: either way
-  of reading per-leaf values out of one array costs XLA:CPU a kernel per leaf.
+  ``scales`` is one scalar for the whole tree or a vector with one entry per
+  leaf (then a list of one factor per leaf comes back). Both come out of a
+  ``lax.cond`` on ``finite``, as buffers: XLA would otherwise inline the
+  scalar work that decided them into every leaf's kernel (hundreds of
+  instructions a leaf). A vector is read at row indices that come out of
+  the same ``cond`` (``i`` when finite, 0 when not), which XLA cannot fold
+  into constants: read at a constant offset (``v[i]``), an entry makes each
+  leaf's kernel differ from the next and XLA:CPU compiles one per leaf
+  instead of one per shape, seconds on a tree of hundreds of leaves.
+  """
+  rows = range(scales.shape[0]) if scales.ndim else range(0)
+  kept = lambda s: (s, [np.int32(i) for i in rows])
+  dropped = lambda s: (lax.full_like(s, -1), [np.int32(0) for _ in rows])
+  scales, at = lax.cond(finite, kept, dropped, scales)
+  if not scales.ndim:
+    return scales
+  # The rows are never negative: no index normalization in every leaf's kernel.
+  read = lambda r: lax.dynamic_slice(scales, (r,), (1,), allow_negative_indices=False)
+  return [read(r).reshape(()) for r in at]
+
+
+def _leaf_norms(call: str, updates: Any) -> tuple[jax.Array, jax.Array]:
+  """Each leaf's L2 norm (float32), stacked into one vector, and the global norm.
+
+  One plain sum of squares per leaf, as fast as optax's, stacked at once (one
+  concatenation); the clippers here compute everything on that vector and
+  read each leaf's factor back out of it (:func:`_factors`). Overflow-safe
+  as :func:`~clipjax._norms.block_norms`: if a sum overflows (one flag over
+  the vector), one ``lax.cond`` recomputes the norms from squares scaled by
+  a power of two, the leaves of each shape stacked into one reduction (a
+  kernel per shape, not per leaf), keeping the plain norm of every leaf
+  whose sum was finite.
   """
   _norms.check_float_leaves(call, updates)
   leaves = jax.tree.leaves(updates)
-  norms = [
-    n.astype(jnp.float32) for n in _norms.block_norms(leaves, [None] * len(leaves))
-  ]
-  if not norms:
-    return [], jnp.zeros((0,), jnp.float32), jnp.zeros((), jnp.float32)
-  stacked = jnp.stack(norms)
-  return norms, stacked, _norms.combine_norms(stacked)
+  if not leaves:
+    return jnp.zeros((0,), jnp.float32), jnp.zeros((), jnp.float32)
+  accs = [_norms.accumulation_dtype(x.dtype) for x in leaves]
+  wide = _norms.widest_accumulation_dtype(leaves)
+  sums = jnp.stack(
+    [
+      jnp.sum(_norms._squares(x, acc)).astype(wide)
+      for x, acc in zip(leaves, accs, strict=True)
+    ]
+  )
+
+  def plain(sums):
+    # A barrier, as in block_norms: XLA would rewrite sqrt(x * x) of a
+    # one-element leaf as |x|, unlike the eager result where x * x underflows.
+    sums = lax.optimization_barrier(sums)
+    return jnp.sqrt(sums), jnp.sqrt(jnp.sum(sums))
+
+  def rescaled(sums):
+    # Every leaf flattened and padded to whole rows of one matrix: one
+    # reduction of squares scaled by 2**-k per row, one segment sum of the
+    # rows into the leaves. A few kernels, however many leaves and shapes.
+    rows, ids = [], []
+    for i, x in enumerate(leaves):
+      flat = _norms._magnitudes(x, wide)
+      count = max(1, -(-flat.size // _ROW))
+      rows.append(jnp.pad(flat, (0, count * _ROW - flat.size)).reshape(count, _ROW))
+      ids.append(np.full((count,), i, np.int32))
+    down = _norms._down([wide])[wide]
+    per_row = jnp.sum(_norms._squares(jnp.concatenate(rows), wide, down), axis=1)
+    per_leaf = jax.ops.segment_sum(per_row, np.concatenate(ids), len(leaves))
+    up = np.asarray(2.0 ** _norms._shift(wide), wide)
+    norms = lax.select(lax.is_finite(sums), lax.sqrt(sums), jnp.sqrt(per_leaf) * up)
+    return norms, _norms.combine_norms(norms)
+
+  overflow = jnp.isposinf(jnp.sum(sums))  # also when a single sum overflowed
+  norms, total = lax.cond(overflow, rescaled, plain, sums)
+  return norms.astype(jnp.float32), total.astype(jnp.float32)
+
+
+# Elements per row of the matrix that the overflow path of _leaf_norms reduces.
+_ROW = 4096
 
 
 def _scalar_fields(tree: Any) -> StackedStats:
@@ -114,21 +181,6 @@ def _vector(held: Any) -> jax.Array:
   if isinstance(held, Stacked):
     return held.groups[0] if held.groups else jnp.zeros((0,), jnp.float32)
   return jnp.reshape(held, (1,))
-
-
-def _split(vector: jax.Array, pred: jax.Array) -> list[jax.Array]:
-  """The entries of ``vector`` as separate scalars, materialized.
-
-  Read directly (``vector[i]``), XLA fuses each entry's slice into the leaf's
-  scaling kernel, whose code then differs from leaf to leaf (by the offset)
-  and is compiled once per leaf instead of once per shape: several seconds
-  on a tree of hundreds of leaves. Returned by a ``lax.cond`` (whose two
-  branches are the same, so ``pred`` changes nothing), the entries are
-  buffers that the scaling kernels take as inputs, and leaves of one shape
-  share one kernel again; only the tiny slices are compiled per leaf.
-  """
-  split = lambda v: [v[i] for i in range(v.shape[0])]
-  return jax.lax.cond(pred, split, split, vector)
 
 
 def _global_norm(call: str, updates: Any) -> jax.Array:
@@ -249,7 +301,7 @@ def autoclip(
     scale = _norms.clip_scale(norm, bound)
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, scale, bound, scale < 1, extra)
-    out = _finish(updates, _scale(updates, scale), finite, nonfinite)
+    out = _finish(updates, _factors(scale, finite), nonfinite)
     return out, AutoClipState(history, seen, stats, state.tree)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -417,7 +469,7 @@ def zclip(
     }
     stats = make_stats(call, norm, scale, in_force, scale < 1, extra)
     new_state = ZClipState(seen + _count(finite), new_mean, new_var, stats, state.tree)
-    return _finish(updates, _scale(updates, scale), finite, nonfinite), new_state
+    return _finish(updates, _factors(scale, finite), nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -528,7 +580,7 @@ def adagc(
     del params
     fields = _scalar_fields(updates)
     check_fits(updates, fields, state.gamma)
-    _, stacked, total = _leaf_norms(call, updates)
+    stacked, total = _leaf_norms(call, updates)
     finite = jnp.isfinite(total)
     gamma = _vector(state.gamma)
     first = state.seen == 0
@@ -540,7 +592,6 @@ def adagc(
     rel_bound = jnp.where(known, relative * gamma, jnp.inf)
     bounds = jnp.where(warm, jnp.asarray(warmup_max_norm, jnp.float32), rel_bound)
     all_scales = jnp.where(warm, warm_scale, _norms.clip_scale(stacked, rel_bound))
-    scales = _split(all_scales, finite)
     clipped = stacked * all_scales
     # gamma == 0 means "no history yet"; a zero norm is not an observation.
     smallest = jnp.where(known, jnp.minimum(gamma, clipped), clipped)
@@ -556,7 +607,7 @@ def adagc(
       call, wrap(stacked), wrap(all_scales), wrap(bounds), fraction, extra
     )
     new_state = AdaGCState(state.seen + _count(finite), wrap(new_gamma), stats)
-    return _finish(updates, _scale(updates, scales), finite, nonfinite), new_state
+    return _finish(updates, _factors(all_scales, finite), nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -642,16 +693,15 @@ def quantile_clip(
   def update_fn(updates, state, params=None):
     del params
     state.tree.check(call, updates)
-    norms, stacked, total = _leaf_norms(call, updates)
+    stacked, total = _leaf_norms(call, updates)
     finite = jnp.isfinite(total)
     bound = state.max_norm
-    safe = _norms.safe_bound(bound, jnp.float32)
-    scales = [_norms.clip_scale(n, safe, checked=True) for n in norms]
-    if norms:
+    scales = _norms.clip_scale(stacked, _norms.safe_bound(bound, jnp.float32))
+    if stacked.size:
       unclipped = jnp.mean((stacked <= bound).astype(jnp.float32))
       step = jnp.exp(-jnp.asarray(learning_rate) * (unclipped - target_quantile))
       new_bound = jnp.where(finite, bound * step, bound)
-      smallest = jnp.min(_norms.clip_scale(stacked, safe, checked=True))
+      smallest = jnp.min(scales)
     else:
       unclipped, new_bound = jnp.ones((), jnp.float32), bound
       smallest = jnp.ones((), jnp.float32)
@@ -661,7 +711,7 @@ def quantile_clip(
     }
     stats = make_stats(call, total, smallest, bound, 1.0 - unclipped, extra)
     new_state = QuantileClipState(new_bound.astype(jnp.float32), stats, state.tree)
-    return _finish(updates, _scale(updates, scales), finite, nonfinite), new_state
+    return _finish(updates, _factors(scales, finite), nonfinite), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -735,6 +785,60 @@ def clippy(
     return jax.tree.unflatten(treedef, new), stats
 
   return with_stats(apply)
+
+
+def _sums(operands: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  """The sum of each of ``operands`` (arrays of one shape), in one pass.
+
+  One variadic reduction, which XLA fuses with what computes its operands
+  into one loop; as separate reductions, XLA:CPU reads the inputs once each.
+  """
+  init = tuple(jnp.zeros((), x.dtype) for x in operands)
+
+  def add(a, b):
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+  shape = operands[0].shape
+  if len(shape) < 2 or operands[0].size == 0:
+    return lax.reduce(operands, init, add, tuple(range(len(shape))))
+  # Rows first, then the row results: XLA:CPU splits a reduction to a vector
+  # across its threads, but runs a reduction to a scalar on one.
+  as_rows = tuple(x.reshape(shape[0], -1) for x in operands)
+  return lax.reduce(lax.reduce(as_rows, init, add, (1,)), init, add, (0,))
+
+
+def _two_global_norms(
+  plain_sums: list[tuple[jax.Array, jax.Array]], scaled_sums: Any, wide: Any
+) -> tuple[jax.Array, jax.Array]:
+  """Two global norms (float32) from each leaf's two sums of squares, overflow-safe.
+
+  As :func:`~clipjax._norms.global_norm`: if either total overflows, one
+  ``lax.cond`` recomputes both from each leaf's squares scaled by
+  ``2**-k``: ``scaled_sums(down)`` gives them, one reduction per leaf.
+  """
+  if not plain_sums:
+    zero = jnp.zeros((), jnp.float32)
+    return zero, zero
+
+  def total(sums):
+    # Added one by one: a chain of adds compiles faster than a stack of
+    # hundreds of scalars.
+    return jnp.stack(
+      [functools.reduce(lax.add, [s[j].astype(wide) for s in sums]) for j in (0, 1)]
+    )
+
+  def plain(totals):
+    return jnp.sqrt(lax.optimization_barrier(totals))
+
+  def rescaled(totals):
+    del totals
+    up = np.asarray(2.0 ** _norms._shift(wide), wide)
+    return jnp.sqrt(total(scaled_sums(_norms._down([wide])[wide]))) * up
+
+  totals = total(plain_sums)
+  norms = lax.cond(jnp.any(jnp.isposinf(totals)), rescaled, plain, totals)
+  norms = norms.astype(jnp.float32)
+  return norms[0], norms[1]
 
 
 # --- SPAM's spike-aware clipping -------------------------------------------------
@@ -817,34 +921,79 @@ def spam_clip(
     extra = {"nonfinite_steps": jnp.zeros((), jnp.int32)}
     return SpamClipState(jnp.zeros((), jnp.int32), nu, _scalar_stats(call, extra))
 
+  def clip(g, v, active):
+    """The update and, without the square root, its squares (float32); the spikes.
+
+    Where it spiked, the update is ``sign(g) * sqrt(limit)`` and its square
+    ``limit``: the square root is only taken by the update's own kernel, so
+    that XLA has no costly value to share between the kernels of a leaf,
+    which then each read ``g`` and ``v`` rather than a clipped copy written
+    out first.
+    """
+    g32 = g.astype(jnp.float32)
+    square, limit = lax.mul(g32, g32), lax.mul(_norms._like(threshold, v), v)
+    zero = lax.full_like(v, 0)
+    spike = lax.bitwise_and(lax.gt(v, zero), lax.gt(square, limit))
+    spike = lax.bitwise_and(lax.broadcast(active, spike.shape), spike)
+    root = lax.mul(lax.sign(g32), lax.sqrt(limit))
+    out = lax.select(spike, root, g32).astype(g.dtype)
+    return out, lax.select(spike, limit, square), spike
+
   def update_fn(updates, state, params=None):
     del params
     check_state_fits(call, updates, state.nu, updates)
-    norm = _global_norm(call, updates)
-    finite = jnp.isfinite(norm)
+    _norms.check_float_leaves(call, updates)
     active = state.seen + 1 >= warmup_steps
     leaves, treedef = jax.tree.flatten(updates)
     nus = treedef.flatten_up_to(state.nu)  # type: ignore[attr-defined]
-    new, new_nus, flags = [], [], []
+
+    def sums(g, v, down=None):
+      """The leaf's sums of ``|g|**2`` and of its update's squares, in its
+      accumulation dtype (of the squares scaled by ``down``, if given), and
+      its number of spikes."""
+      out, after, spike = clip(g, v, active)
+      acc = _norms.accumulation_dtype(g.dtype)
+      if down is not None or jnp.finfo(g.dtype).bits < 32:
+        # The norm of the update as it is rounded to its dtype.
+        out = out.astype(acc)
+        after = lax.mul(out, out) if down is None else _norms._squares(out, acc, down)
+      parts = (_norms._squares(g, acc, down), after.astype(acc))
+      if down is not None:
+        return _sums(parts)
+      return _sums((*parts, spike.astype(jnp.float32)))
+
+    # Pass 1, one reduction per leaf, from g and v: the norms before and after
+    # clipping and the spikes. Pass 2, what needs to know whether the step is
+    # finite: the update and nu, each one loop over g and v (and p).
+    per_leaf = [sums(g, v) for g, v in zip(leaves, nus, strict=True)]
+    norm, after = _two_global_norms(
+      per_leaf,
+      lambda down: [sums(g, v, down) for g, v in zip(leaves, nus, strict=True)],
+      _norms.widest_accumulation_dtype(leaves),
+    )
+    finite = lax.is_finite(norm)
+    b2, rest = _norms._like(beta2, norm), _norms._like(1 - beta2, norm)
+    new, new_nus = [], []
     for g, v in zip(leaves, nus, strict=True):
-      g32 = g.astype(jnp.float32)
-      limit = threshold * v
-      spike = active & (v > 0) & (jnp.square(g32) > limit)
-      clipped = jnp.where(spike, jnp.sign(g32) * jnp.sqrt(limit), g32)
-      v_next = beta2 * v + (1 - beta2) * jnp.square(clipped)
-      new.append(clipped.astype(g.dtype))
-      new_nus.append(jnp.where(finite, v_next, v))
-      flags.append(spike)
-    out = jax.tree.unflatten(treedef, new)
-    after = _norms.global_norm(out).astype(jnp.float32)
+      out, squares, _ = clip(g, v, active)
+      bad = lax.full_like(out, 0) if nonfinite == "zero" else g
+      new.append(lax.select(lax.broadcast(finite, out.shape), out, bad))
+      v_next = lax.add(
+        lax.mul(_norms._like(b2, v), v), lax.mul(_norms._like(rest, v), squares)
+      )
+      new_nus.append(lax.select(lax.broadcast(finite, v.shape), v_next, v))
     ratio = jnp.where(norm > 0, after / jnp.where(norm > 0, norm, 1.0), 1.0)
-    fraction = fraction_true(flags)
+    size = sum(int(g.size) for g in leaves)
+    count = functools.reduce(
+      lax.add, [s[2] for s in per_leaf], jnp.zeros((), jnp.float32)
+    )
+    fraction = count / size if size else jnp.zeros((), jnp.float32)
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
     stats = make_stats(call, norm, ratio, threshold, fraction, extra)
     new_state = SpamClipState(
       state.seen + _count(finite), jax.tree.unflatten(treedef, new_nus), stats
     )
-    return _finish(updates, out, finite, nonfinite), new_state
+    return jax.tree.unflatten(treedef, new), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

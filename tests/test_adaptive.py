@@ -585,6 +585,49 @@ def test_nonfinite_step_leaves_history_unchanged_and_is_counted(name, at, bad_va
   assert int(state.stats.extra["nonfinite_steps"]) == 1
 
 
+def _overflowing_tree():
+  """A tree whose squares overflow float32 in one leaf (1e30**2), with a leaf
+  of ordinary values, a scalar leaf and an empty one."""
+  rng = np.random.default_rng(3)
+  return {
+    "big": jnp.asarray(rng.normal(size=(3, 5)) * 1e30, jnp.float32),
+    "small": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
+    "scalar": jnp.asarray(-2.5, jnp.float32),
+    "empty": jnp.zeros((0, 4), jnp.float32),
+  }
+
+
+def _norm64(x):
+  return float(np.linalg.norm(np.asarray(x, np.float64).ravel()))
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_norms_are_right_when_the_sums_of_squares_overflow(jit):
+  # The finite norms of a finite tree, also when a sum of squares overflows
+  # float32: the overflow path of the per-leaf norms and of spam_clip's two
+  # global norms, against float64 numpy.
+  g = _overflowing_tree()
+  total = math.sqrt(sum(_norm64(x) ** 2 for x in g.values()))
+  run = lambda tx: _run(tx, [g], jit=jit)
+
+  _, (state,) = run(clipjax.adagc(warmup_steps=3, warmup_max_norm=1e38))
+  for k, x in g.items():
+    np.testing.assert_allclose(state.stats.norm[k], _norm64(x), rtol=1e-6)
+  assert float(state.stats.norm["small"]) == pytest.approx(_norm64(g["small"]), 1e-6)
+  assert int(state.stats.extra["nonfinite_steps"]) == 0
+
+  (u,), (state,) = run(clipjax.quantile_clip(initial_max_norm=1e38))
+  np.testing.assert_allclose(state.stats.norm, total, rtol=1e-6)
+  chex.assert_trees_all_close(u, g)  # every norm is below 1e38: nothing clipped
+  assert int(state.stats.extra["nonfinite_steps"]) == 0
+
+  (u,), (state,) = run(clipjax.spam_clip(warmup_steps=1))
+  np.testing.assert_allclose(state.stats.norm, total, rtol=1e-6)
+  np.testing.assert_allclose(state.stats.scale, 1.0, rtol=1e-6)  # v == 0: kept
+  chex.assert_trees_all_equal(u, g)
+  assert int(state.stats.extra["nonfinite_steps"]) == 0
+
+
 def _propagate_step(name, bad_value):
   """Three good steps, then a step with one bad coordinate, with "propagate"."""
   grads = _sequence(1)
