@@ -38,7 +38,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
 
 from clipjax import _norms
@@ -76,7 +75,29 @@ _ELEMENTWISE = frozenset(
     "nextafter",
   }
 )
-_INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat"})
+_INLINE = frozenset(
+  {"pjit", "jit", "closed_call", "core_call", "checkpoint", "remat", "remat2"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanUse:
+  """How a parameter used inside a ``scan`` body enters it.
+
+  Attributes:
+    at: the key of the ``scan`` equation.
+    length: its number of iterations.
+    stacked: the leaf enters as ``xs``, one slice per iteration (a layer
+      stack, as ``nnx.scan`` over blocks); else the body closes over it (the
+      same weight at every iteration).
+    outer: for a stacked leaf, the chain from the leaf to the scan's operand
+      (the tap's own chain then starts from the slice).
+  """
+
+  at: tuple[int, ...]
+  length: int
+  stacked: bool
+  outer: tuple[Any, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +106,7 @@ class _Param:
 
   leaves: frozenset[int]
   chain: tuple[Any, ...] | None  # unary eqns from one leaf; None if not a chain
+  scan: ScanUse | None = None  # inside a scan body: how the leaf came in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +130,7 @@ class Tap:
   eqn: Any
   batch_axis: int  # of the contact's output
   act_batch_axis: int  # of the activation (dense, conv) or the indices (embedding)
+  scan: ScanUse | None = None  # the contact is in a scan body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +164,9 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
   taps: list[Tap] = []
   fallback: dict[int, str] = {}
 
-  def run(j1: Any, j2: Any, infos: list[Any], prefix: tuple[int, ...]) -> list[Any]:
+  def run(
+    j1: Any, j2: Any, infos: list[Any], prefix: tuple[int, ...], in_scan: bool = False
+  ) -> list[Any]:
     env: dict[Any, Any] = {}
     for v in j1.constvars:
       env[v] = _CONST
@@ -161,9 +186,24 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
       if e1.primitive.name in _INLINE and any(x is not _CONST for x in ins):
         sub1, _ = _sub_jaxpr(e1)
         sub2, _ = _sub_jaxpr(e2)
-        outs = run(sub1, sub2, ins, key)
+        outs = run(sub1, sub2, ins, key, in_scan)
         for v, info in zip(e1.outvars, outs, strict=True):
           env[v] = info
+        continue
+      if (
+        e1.primitive.name == "scan"
+        and not in_scan
+        and e1.params["length"] == e2.params["length"]
+        and any(isinstance(x, _Param) for x in ins)
+      ):
+        outs = _scan(e1, e2, ins, key)
+        for v1, v2, info in zip(e1.outvars, e2.outvars, outs, strict=True):
+          if isinstance(info, _Batched) or _batch_axes(v1, v2):
+            env[v1] = _Batched(_batch_axes(v1, v2))
+          elif isinstance(info, _Param):  # params only, out of the scan
+            env[v1] = _Param(info.leaves, None)
+          else:
+            env[v1] = _CONST
         continue
       params = [x for x in ins if isinstance(x, _Param)]
       batched = any(isinstance(x, _Batched) for x in ins)
@@ -192,8 +232,54 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
       and p.chain is not None
       and eqn.primitive.name in _CHAIN_PRIMS
     ):
-      return _Param(leaves, (*p.chain, eqn))
+      return _Param(leaves, (*p.chain, eqn), p.scan)
     return _Param(leaves, None)
+
+  def _scan(e1: Any, e2: Any, ins: list[Any], key: tuple[int, ...]) -> list[Any]:
+    """Follows parameters into a scan body; returns the infos of its outputs.
+
+    A leaf passed as ``xs`` is used one slice per iteration, a leaf among the
+    consts at every iteration; each contact in the body is a tap that
+    applies at every iteration. A parameter in the carry gives up. The
+    carry's infos are iterated to a fixed point, as a carry can become
+    batched after the first iteration.
+    """
+    nc, ncar = e1.params["num_consts"], e1.params["num_carry"]
+    length = int(e1.params["length"])
+    b1, b2 = e1.params["jaxpr"].jaxpr, e2.params["jaxpr"].jaxpr
+    infos: list[Any] = []
+    for j, (x, v1, v2) in enumerate(zip(ins, b1.invars, b2.invars, strict=True)):
+      if isinstance(x, _Param):
+        one = x.chain is not None and len(x.leaves) == 1
+        if j < nc:
+          infos.append(_Param(x.leaves, x.chain, ScanUse(key, length, False)))
+        elif j >= nc + ncar and one:
+          infos.append(_Param(x.leaves, (), ScanUse(key, length, True, x.chain)))
+        else:
+          where = "carried by `scan`" if j < nc + ncar else "used by `scan`"
+          _give_up([x], where)
+          infos.append(_Param(x.leaves, None))
+      elif isinstance(x, _Batched) or _batch_axes(v1, v2):
+        infos.append(_Batched(_batch_axes(v1, v2)))
+      else:
+        infos.append(_CONST)
+    while True:
+      n_taps, before = len(taps), dict(fallback)
+      outs = run(b1, b2, infos, key, in_scan=True)
+      changed = False
+      for c in range(ncar):
+        if isinstance(outs[c], _Batched) and not isinstance(infos[nc + c], _Batched):
+          infos[nc + c] = _Batched(_batch_axes(b1.invars[nc + c], b2.invars[nc + c]))
+          changed = True
+      if not changed:
+        break
+      del taps[n_taps:]
+      fallback.clear()
+      fallback.update(before)
+    for c in range(ncar):
+      if isinstance(outs[c], _Param):
+        _give_up([outs[c]], "carried by `scan`")
+    return outs
 
   def _give_up(ins: list[Any], why: str) -> None:
     for x in ins:
@@ -204,9 +290,14 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
   def _single_leaf(x: Any, keep_norm: bool) -> int | None:
     if not isinstance(x, _Param) or x.chain is None or len(x.leaves) != 1:
       return None
-    if keep_norm and any(e.primitive.name not in _NORM_KEEPING for e in x.chain):
+    chain = (*x.scan.outer, *x.chain) if x.scan is not None else x.chain
+    if keep_norm and any(e.primitive.name not in _NORM_KEEPING for e in chain):
       return None
     return next(iter(x.leaves))
+
+  def _stacked_or_outside(x: _Param) -> bool:
+    """A contact whose every iteration's norms add up (or that is in no scan)."""
+    return x.scan is None or x.scan.stacked
 
   def _one_axis(x: Any) -> int | None:
     if isinstance(x, _Batched) and len(x.axes) == 1:
@@ -220,6 +311,9 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
     axes = _batch_axes(e1.outvars[0], e2.outvars[0])
     leaf = _single_leaf(ins[0], keep_norm=False) if len(ins) == 1 else None
     if e1.primitive.name == "broadcast_in_dim" and len(axes) == 1 and leaf is not None:
+      if ins[0].scan is not None:
+        _give_up(ins, "broadcast over the batch inside `scan`")
+        return
       taps.append(Tap("broadcast", (*key, 0), leaf, ins[0].chain, e1, axes[0], axes[0]))
     else:
       _give_up(ins, f"broadcast over the batch by `{e1.primitive.name}`")
@@ -228,6 +322,8 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
     name = e1.primitive.name
     out_axes = _batch_axes(e1.outvars[0], e2.outvars[0]) if e1.outvars else ()
     why = f"used by `{name}`"
+    if any(isinstance(x, _Param) and x.scan and not x.scan.stacked for x in ins):
+      why += " and closed over by `scan`"
     if len(e1.outvars) != 1 or len(out_axes) != 1:
       _give_up(ins, f"{why}, whose output is not batched along one axis")
       return
@@ -246,7 +342,9 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
           and not rb
         ):
           chain = ins[p_idx].chain
-          taps.append(Tap("dense", (*key, p_idx), leaf, chain, e1, k, a_axis))
+          taps.append(
+            Tap("dense", (*key, p_idx), leaf, chain, e1, k, a_axis, ins[p_idx].scan)
+          )
           return
     if name == "conv_general_dilated":
       leaf = _single_leaf(ins[1], keep_norm=True)
@@ -256,8 +354,11 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
         and _one_axis(ins[0]) == dn.lhs_spec[0]
         and k == dn.out_spec[0]
         and e1.params["batch_group_count"] == 1
+        and _stacked_or_outside(ins[1])
       ):
-        taps.append(Tap("conv", (*key, 1), leaf, ins[1].chain, e1, k, dn.lhs_spec[0]))
+        taps.append(
+          Tap("conv", (*key, 1), leaf, ins[1].chain, e1, k, dn.lhs_spec[0], ins[1].scan)
+        )
         return
     if name == "gather":
       leaf = _single_leaf(ins[0], keep_norm=True)
@@ -277,8 +378,16 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
         and i_axis == k
         and i_axis < len(idx_shape) - 1
       )
-      if leaf is not None and i_axis is not None and standard:
-        taps.append(Tap("embedding", (*key, 0), leaf, ins[0].chain, e1, k, i_axis))
+      if (
+        leaf is not None
+        and i_axis is not None
+        and standard
+        and _stacked_or_outside(ins[0])
+      ):
+        tap = Tap(
+          "embedding", (*key, 0), leaf, ins[0].chain, e1, k, i_axis, ins[0].scan
+        )
+        taps.append(tap)
         return
     if name in _ELEMENTWISE:
       out_rank = len(e1.outvars[0].aval.shape)
@@ -292,7 +401,9 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
           shape == () or (len(shape) == out_rank and shape[k] == 1)
         ):
           break
-        found.append(Tap("elementwise", (*key, j), leaf, x.chain or (), e1, k, k))
+        found.append(
+          Tap("elementwise", (*key, j), leaf, x.chain or (), e1, k, k, x.scan)
+        )
       else:
         taps.extend(found)
         return
@@ -325,14 +436,19 @@ def evaluate(
   args: Sequence[Any],
   taps: dict[tuple[int, ...], Tap],
   probes: dict[tuple[int, ...], jax.Array],
+  prefix: tuple[int, ...] = (),
 ) -> tuple[list[Any], dict[tuple[int, ...], jax.Array]]:
   """Runs ``closed`` on ``args`` with the (zero) probes added at the taps.
 
-  Returns the outputs and, per dense or embedding tap, the activation or the
-  indices that met the parameter.
+  Returns the outputs and, per dense, embedding or conv tap, the activation
+  or the indices that met the parameter. A ``scan`` with taps in its body
+  runs as a ``lax.scan`` of this same evaluation: its taps' probes (stacked
+  over the iterations) come in as ``xs``, their records go out as ``ys``.
+  ``prefix`` is the key of the equation whose body ``closed`` is.
   """
   records: dict[tuple[int, ...], jax.Array] = {}
   prefixes = {k[:n] for k in taps for n in range(1, len(k) - 1)}
+  scans = {t.scan.at for t in taps.values() if t.scan is not None}
 
   def run(
     jaxpr: Any, consts: Sequence[Any], vals: Sequence[Any], prefix: tuple[int, ...]
@@ -352,6 +468,8 @@ def evaluate(
       if eqn.primitive.name in _INLINE and key in prefixes:
         sub, sub_consts = _sub_jaxpr(eqn)
         outs = run(sub, sub_consts, ins, key)
+      elif eqn.primitive.name == "scan" and key in scans:
+        outs = scan(eqn, ins, key)
       else:
         outs = bind(eqn, ins, key)
         if not eqn.primitive.multiple_results:
@@ -359,6 +477,28 @@ def evaluate(
       for v, x in zip(eqn.outvars, outs, strict=True):
         env[v] = x
     return [read(v) for v in jaxpr.outvars]
+
+  def scan(eqn: Any, ins: list[Any], key: tuple[int, ...]) -> list[Any]:
+    p = eqn.params
+    nc, ncar = p["num_consts"], p["num_carry"]
+    consts, init, xs = ins[:nc], ins[nc : nc + ncar], ins[nc + ncar :]
+    inner = {k: t for k, t in taps.items() if t.scan is not None and t.scan.at == key}
+
+    def step(carry, x):
+      xs_l, probes_l = x
+      outs, recs = evaluate(p["jaxpr"], [*consts, *carry, *xs_l], inner, probes_l, key)
+      return outs[:ncar], (outs[ncar:], recs)
+
+    carry, (ys, recs) = jax.lax.scan(
+      step,
+      list(init),
+      (list(xs), {k: probes[k] for k in inner}),
+      length=p["length"],
+      reverse=p["reverse"],
+      unroll=p["unroll"],
+    )
+    records.update(recs)
+    return [*carry, *ys]
 
   def bind(eqn: Any, ins: list[Any], key: tuple[int, ...]) -> Any:
     params = eqn.primitive.get_bind_params(eqn.params)
@@ -376,19 +516,21 @@ def evaluate(
       records[tap.key] = ins[1 - tap.key[-1]]
     return eqn.primitive.bind(*ins, **params) + probes[tap.key]
 
-  outs = run(closed.jaxpr, closed.consts, args, ())
+  outs = run(closed.jaxpr, closed.consts, args, prefix)
   return outs, records
 
 
-def probe_shape(tap: Tap, batch_size: int) -> tuple[int, ...]:
-  """The shape of the zero probe added at a tap."""
+def probe_shape(tap: Tap, batch_size: int, stacked: bool = False) -> tuple[int, ...]:
+  """The shape of the zero probe added at a tap (per iteration of a scan, or
+  with ``stacked``, stacked over its iterations as the scan takes it)."""
   out = tap.eqn.outvars[0].aval.shape
+  lead = (tap.scan.length,) if stacked and tap.scan is not None else ()
   if tap.kind != "elementwise":
-    return tuple(out)
+    return (*lead, *out)
   operand = tap.eqn.invars[tap.key[-1]].aval.shape
   shape = list(operand) if operand else [1] * len(out)
   shape[tap.batch_axis] = batch_size
-  return tuple(shape)
+  return (*lead, *shape)
 
 
 def probe_dtype(tap: Tap) -> Any:
@@ -464,6 +606,11 @@ def _f32(x: jax.Array) -> jax.Array:
 def dense_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
   """``||a_b^T g_b||^2`` per example, without forming ``a_b^T g_b`` if cheaper."""
   a_r, g_r = _dense_layout(tap, act, g)
+  return _dense_sq(a_r, g_r)
+
+
+def _dense_sq(a_r: jax.Array, g_r: jax.Array) -> jax.Array:
+  """``||a_b^T g_b||^2`` of inputs ``(B, T, D_in)``, gradients ``(B, T, D_out)``."""
   a_r, g_r = _f32(a_r), _f32(g_r)
   _, t, d_in = a_r.shape
   d_out = g_r.shape[-1]
@@ -578,6 +725,64 @@ def embedding_sq_norms(tap: Tap, idx: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(same, gram, jnp.zeros((), gram.dtype)), axis=(1, 2))
 
 
+def tap_sq_norms(tap: Tap, rec: jax.Array, g: jax.Array) -> jax.Array:
+  """Per-example squared norms of a dense, embedding or conv tap's leaf.
+
+  In a scan body, ``rec`` and ``g`` are stacked over the iterations: a
+  stacked leaf's norms add up over them (each iteration's gradient is its
+  own slice); a closed-over dense weight's gradient is the sum over the
+  iterations, whose norm is that of one dense layer seeing every iteration's
+  positions (the Gram form then includes the cross-iteration terms).
+  """
+  rule = {
+    "dense": dense_sq_norms,
+    "embedding": embedding_sq_norms,
+    "conv": conv_sq_norms,
+  }
+  fn = rule[tap.kind]
+  if tap.scan is None:
+    return fn(tap, rec, g)
+  if tap.scan.stacked:
+    return jnp.sum(jax.vmap(lambda r, d: fn(tap, r, d))(rec, g), axis=0)
+  a_r, g_r = jax.vmap(lambda r, d: _dense_layout(tap, r, d))(rec, g)
+  merge = lambda x: jnp.swapaxes(x, 0, 1).reshape(x.shape[1], -1, x.shape[-1])
+  return _dense_sq(merge(a_r), merge(g_r))
+
+
+def tap_rows(tap: Tap, axis: int) -> int:
+  """``axis`` of a tap's per-iteration value, in its value as evaluated."""
+  return axis + (tap.scan is not None)
+
+
+def _slice_aval(tap: Tap, leaf: Any) -> Any:
+  """The aval a stacked leaf has in one iteration (after its outer chain)."""
+  assert tap.scan is not None
+  full = tap.scan.outer[-1].outvars[0].aval if tap.scan.outer else leaf
+  return jax.ShapeDtypeStruct(tuple(full.shape[1:]), full.dtype)
+
+
+def to_leaf(tap: Tap, leaf: Any, gv: jax.Array) -> jax.Array:
+  """The leaf's gradient from its contact operand's (stacked over a scan)."""
+  if tap.scan is None:
+    return chain_transpose(tap.chain, leaf)(gv)
+  if not tap.scan.stacked:
+    return chain_transpose(tap.chain, leaf)(jnp.sum(gv, axis=0))
+  per_slice = jax.vmap(chain_transpose(tap.chain, _slice_aval(tap, leaf)))(gv)
+  return chain_transpose(tap.scan.outer, leaf)(per_slice)
+
+
+def to_leaf_per_example(tap: Tap, leaf: Any, pe: jax.Array) -> jax.Array:
+  """Per-example leaf gradients ``(B, *leaf)`` from the operand's (after a scan's
+  iteration axis, for a tap in a scan body)."""
+  if tap.scan is None:
+    return jax.vmap(chain_transpose(tap.chain, leaf))(pe)
+  if not tap.scan.stacked:
+    return jax.vmap(chain_transpose(tap.chain, leaf))(jnp.sum(pe, axis=0))
+  inner = jax.vmap(jax.vmap(chain_transpose(tap.chain, _slice_aval(tap, leaf))))
+  stacked = jnp.swapaxes(inner(pe), 0, 1)
+  return jax.vmap(chain_transpose(tap.scan.outer, leaf))(stacked)
+
+
 def weighted_transpose(
   tap: Tap, recorded: jax.Array, g_weighted: jax.Array, v_aval: Any
 ) -> jax.Array:
@@ -639,14 +844,13 @@ def leaf_names(tree: Any) -> list[str]:
   return [jax.tree_util.keystr(p) for p, _ in paths]
 
 
-def describe(
-  analysis: Analysis, names: Sequence[str], shapes: Sequence[tuple[int, ...]]
-):
+def describe(analysis: Analysis, names: Sequence[str]) -> dict[str, str]:
   """One line per leaf: how its per-example norms are computed."""
   lines = {}
   for tap in analysis.taps:
     if tap.kind == "dense":
       a_aval = tap.eqn.invars[1 - tap.key[-1]].aval
+      p_aval = tap.eqn.invars[tap.key[-1]].aval
       (lc, rc), _ = tap.eqn.params["dimension_numbers"]
       contract = (lc, rc)[1 - tap.key[-1]]
       d_in = math.prod(a_aval.shape[d] for d in contract)
@@ -655,18 +859,23 @@ def describe(
         for d, s in enumerate(a_aval.shape)
         if d not in contract and d != tap.act_batch_axis
       )
-      leaf_size = int(np.prod(shapes[tap.leaf]))
-      d_out = leaf_size // max(d_in, 1)
+      if tap.scan is not None and not tap.scan.stacked:
+        t *= tap.scan.length  # one layer seeing every iteration's positions
+      d_out = math.prod(p_aval.shape) // max(d_in, 1)
       how = "T=1" if t == 1 else dense_method(t, d_in, d_out)
-      lines[tap.leaf] = f"ghost: dense ({how})"
+      line = f"ghost: dense ({how})"
     elif tap.kind == "conv":
-      lines[tap.leaf] = f"ghost: conv ({conv_method(tap)})"
+      line = f"ghost: conv ({conv_method(tap)})"
     elif tap.kind == "embedding":
-      lines[tap.leaf] = "ghost: embedding"
+      line = "ghost: embedding"
     elif tap.kind == "broadcast":
-      lines[tap.leaf] = "ghost: broadcast over the batch (per-example, small)"
+      line = "ghost: broadcast over the batch (per-example, small)"
     else:
-      lines[tap.leaf] = "ghost: elementwise (per-example, small)"
+      line = "ghost: elementwise (per-example, small)"
+    if tap.scan is not None:
+      how = "stacked" if tap.scan.stacked else "closed over"
+      line += f" in scan (L={tap.scan.length}, {how})"
+    lines[tap.leaf] = line
   for leaf, why in analysis.fallback.items():
     lines[leaf] = f"vmap ({why})"
   return {names[i]: lines.get(i, "unused (zero gradient)") for i in range(len(names))}

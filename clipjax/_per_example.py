@@ -559,7 +559,7 @@ def _ghost_parts(
 ) -> _Parts:
   taps = {t.key: t for t in analysis.taps}
   zeros = {
-    k: jnp.zeros(_ghost.probe_shape(t, b), _ghost.probe_dtype(t))
+    k: jnp.zeros(_ghost.probe_shape(t, b, stacked=True), _ghost.probe_dtype(t))
     for k, t in taps.items()
   }
 
@@ -576,19 +576,18 @@ def _ghost_parts(
   explicit: dict[int, jax.Array] = {}
   for key, tap in taps.items():
     g = out_grads[key]
-    if tap.kind == "dense":
-      sq[tap.leaf] = sq[tap.leaf] + _ghost.dense_sq_norms(tap, records[key], g)
-    elif tap.kind == "embedding":
-      sq[tap.leaf] = sq[tap.leaf] + _ghost.embedding_sq_norms(tap, records[key], g)
-    elif tap.kind == "conv":
-      sq[tap.leaf] = sq[tap.leaf] + _ghost.conv_sq_norms(tap, records[key], g)
+    if tap.kind in ("dense", "embedding", "conv"):
+      sq[tap.leaf] = sq[tap.leaf] + _ghost.tap_sq_norms(tap, records[key], g)
     else:
       if tap.kind == "broadcast":
         per_operand = _ghost.broadcast_per_example(tap, g)
+      elif tap.scan is not None:  # stacked over the iterations
+        per_operand = jax.vmap(
+          lambda d, tap=tap: _ghost.elementwise_per_example(tap, d)
+        )(g)
       else:
         per_operand = _ghost.elementwise_per_example(tap, g)
-      to_leaf = jax.vmap(_ghost.chain_transpose(tap.chain, leaves[tap.leaf]))
-      per_leaf = to_leaf(per_operand)
+      per_leaf = _ghost.to_leaf_per_example(tap, leaves[tap.leaf], per_operand)
       prev = explicit.get(tap.leaf)
       explicit[tap.leaf] = per_leaf if prev is None else prev + per_leaf
   for leaf, g in explicit.items():
@@ -609,19 +608,24 @@ def _ghost_parts(
         continue
       g = out_grads[key]
       acc = _norms.accumulation_dtype(g.dtype)
-      k = tap.batch_axis
+      k = _ghost.tap_rows(tap, tap.batch_axis)
       weighted = g.astype(acc) * _ghost.expand_rows(c[tap.leaf].astype(acc), g, k)
       weighted = jnp.where(_ghost.expand_rows(keep, g, k), weighted, jnp.zeros((), acc))
       rec = records[key]
       if tap.kind in ("dense", "conv"):
         rec = jnp.where(
-          _ghost.expand_rows(keep, rec, tap.act_batch_axis),
+          _ghost.expand_rows(keep, rec, _ghost.tap_rows(tap, tap.act_batch_axis)),
           rec,
           jnp.zeros((), rec.dtype),
         )
       v_aval = tap.eqn.invars[key[-1]].aval
-      gv = _ghost.weighted_transpose(tap, rec, weighted, v_aval)
-      grads[tap.leaf] = _ghost.chain_transpose(tap.chain, leaves[tap.leaf])(gv)
+      transpose = lambda r, w, tap=tap, v_aval=v_aval: _ghost.weighted_transpose(
+        tap, r, w, v_aval
+      )
+      if tap.scan is not None:
+        transpose = jax.vmap(transpose)
+      gv = transpose(rec, weighted)
+      grads[tap.leaf] = _ghost.to_leaf(tap, leaves[tap.leaf], gv)
     for leaf, g in [*explicit.items(), *vmapped.items()]:
       grads[leaf] = _weighted_sum(c[leaf], keep, g, leaves[leaf])
     return [
@@ -745,4 +749,4 @@ def _plan(
   t = _trace(call, loss_fn, leaves, params_def, batch, has_aux, second=True)
   analysis = _ghost.analyze(t.closed, t.closed2, len(leaves))
   names = _ghost.leaf_names(params)
-  return _ghost.describe(analysis, names, [tuple(jnp.shape(x)) for x in leaves])
+  return _ghost.describe(analysis, names)
