@@ -719,6 +719,36 @@ def quantile_clip(
 # --- Clippy ----------------------------------------------------------------------
 
 
+def _clippy_ratio(
+  u: jax.Array, w: jax.Array, relative: Any, absolute: Any
+) -> jax.Array:
+  """``max_j |u_j| / allowance_j`` (float32), in one pass over ``u`` and ``w``.
+
+  0 for coordinates that do not move, ``inf`` for one that moves with no
+  allowance (``allowance <= 0``). One max reduction: as a max and an
+  ``any``, XLA:CPU reads ``u`` and ``w`` twice.
+  """
+  size = lax.abs(u).astype(jnp.float32)
+  weight = lax.abs(jnp.asarray(w)).astype(jnp.float32)
+  allowance = lax.add(
+    lax.mul(_norms._like(relative, weight), weight), _norms._like(absolute, weight)
+  )
+  zero, one = lax.full_like(size, 0), lax.full_like(size, 1)
+  has = lax.gt(allowance, zero)
+  moves = lax.gt(size, zero)
+  ratio = lax.div(size, lax.select(has, allowance, one))
+  stuck = lax.bitwise_and(moves, lax.le(allowance, zero))
+  ratio = lax.select(stuck, lax.full_like(size, np.inf), ratio)
+  ratio = lax.select(moves, ratio, zero)
+  init = np.zeros((), np.float32)
+  if ratio.ndim < 2 or ratio.size == 0:
+    return lax.reduce(ratio, init, lax.max, tuple(range(ratio.ndim)))
+  # Rows first, then the row results: XLA:CPU splits a reduction to a vector
+  # across its threads, but runs a reduction to a scalar on one.
+  rows = lax.reduce(ratio.reshape(ratio.shape[0], -1), init, lax.max, (1,))
+  return lax.reduce(rows, init, lax.max, (0,))
+
+
 def clippy(
   relative: jax.typing.ArrayLike = 0.1, absolute: jax.typing.ArrayLike = 1e-7
 ) -> optax.GradientTransformation:
@@ -762,16 +792,10 @@ def clippy(
     _norms.check_float_leaves(call, updates)
     leaves, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
-    ratios = []
-    for u, w in zip(leaves, param_leaves, strict=True):
-      allowance = relative * jnp.abs(w).astype(jnp.float32) + absolute
-      size = jnp.abs(u).astype(jnp.float32)
-      ratio = jnp.max(
-        jnp.where(size > 0, size / jnp.where(allowance > 0, allowance, 1.0), 0.0),
-        initial=0.0,
-      )
-      ratio = jnp.where(jnp.any((size > 0) & (allowance <= 0)), jnp.inf, ratio)
-      ratios.append(ratio)
+    ratios = [
+      _clippy_ratio(u, w, relative, absolute)
+      for u, w in zip(leaves, param_leaves, strict=True)
+    ]
     new = [
       _norms.scale_leaf(u, _norms.clip_scale(r, 1.0))
       for u, r in zip(leaves, ratios, strict=True)

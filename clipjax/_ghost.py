@@ -250,10 +250,9 @@ def analyze(closed1: Any, closed2: Any, n_params: int) -> Analysis:
     infos: list[Any] = []
     for j, (x, v1, v2) in enumerate(zip(ins, b1.invars, b2.invars, strict=True)):
       if isinstance(x, _Param):
-        one = x.chain is not None and len(x.leaves) == 1
         if j < nc:
           infos.append(_Param(x.leaves, x.chain, ScanUse(key, length, False)))
-        elif j >= nc + ncar and one:
+        elif j >= nc + ncar and x.chain is not None and len(x.leaves) == 1:
           infos.append(_Param(x.leaves, (), ScanUse(key, length, True, x.chain)))
         else:
           where = "carried by `scan`" if j < nc + ncar else "used by `scan`"
