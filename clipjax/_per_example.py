@@ -297,9 +297,12 @@ def per_example_clipped_grad(
     batch in an elementwise op (layer-norm scales) get small explicit
     per-example gradients. One backward pass gives the output gradients, and
     one transposed product per layer, with each example's rows scaled by its
-    clip factor, gives the clipped sum (book-keeping). Anything else (scans,
-    custom derivative rules, a weight used by two layers) falls back to
-    ``jax.vmap`` for that
+    clip factor, gives the clipped sum (book-keeping). The same rules apply
+    inside ``scan`` bodies (``nnx.scan`` over stacked blocks, ``fori_loop``):
+    a parameter stacked along the scan sums its iterations' norms, a dense
+    weight the body closes over is one layer seeing every iteration's
+    positions. Anything else (custom derivative rules, a weight used by two
+    layers, a parameter carried by a scan) falls back to ``jax.vmap`` for that
     parameter only; ``f.plan(params, *batch)`` lists how each is handled.
   - ``"auto"`` (default): ``"ghost"``, or ``"vmap"`` when the loss traces to a
     different program at the second batch size (``"ghost"`` then raises).
