@@ -13,8 +13,8 @@ then followed through the program until it meets a batched value (a *contact*):
   "same token" mask;
 - ``conv_general_dilated(activation, K)`` (a convolution in any number of
   spatial dimensions, with any strides, dilations, padding, layout and
-  feature groups): the layer's input as patches (one row of ``C_in/G * k``
-  values per output position and group), then per group either the Gram
+  feature groups): the layer's input sliced once per kernel window position
+  (``T`` rows of ``C_in / G`` per group), then per group either the Gram
   form or the explicit per-example kernel gradient, whichever costs less
   (mixed ghost clipping, Bu et al. 2022);
 - an elementwise op with a parameter broadcast over the batch (biases, the
@@ -25,8 +25,11 @@ The output gradients ``g`` come from one backward pass with respect to zero
 *probes* added at each contact; the weights are never differentiated there.
 The clipped sum is then one more transposed product per contact, with ``g``'s
 rows scaled by each example's clip factor (book-keeping, Bu et al. 2023).
-Leaves whose contact is anything else (a scan, a custom rule, a weight used
-twice) are reported as fallbacks; the caller gets their
+Parameters are followed into ``scan`` bodies: a leaf stacked along the scan
+(``xs``) gets its norms summed over the iterations, a dense or elementwise
+leaf the body closes over is one layer seeing every iteration. Leaves whose
+contact is anything else (a custom rule, a weight used twice, a parameter in
+a scan's carry, a nested scan) are reported as fallbacks; the caller gets their
 per-example gradients by ``jax.vmap``.
 """
 
