@@ -1,5 +1,7 @@
 """Smoke test of benchmarks/per_example.py: it runs, reports every row, and its
-methods' clipped sums agree; timings are not judged."""
+methods' clipped sums agree; on the scanned transformer and the CNNs the ghost
+path takes no vmap fallback, and memory and goals are reported; timings are
+not judged."""
 
 import importlib.util
 import json
@@ -15,7 +17,8 @@ import clipjax
 SCRIPT = (
   pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "per_example.py"
 )
-MODELS = ["mlp-512", "mlp-1024", "transformer"]
+NEW_MODELS = ["scan-transformer", "wrn-cnn", "digits-cnn"]  # issue 14's
+MODELS = ["mlp-512", "mlp-1024", "transformer", *NEW_MODELS]
 METHODS = [
   "jax plain",
   "clipjax ghost",
@@ -175,3 +178,65 @@ def test_rows_over_the_memory_bound_are_skipped(tmp_path):
     )
   _expect_timed(rows, "jax plain")
   assert [r["model"] for r in results["results"]] == ["mlp-512"]
+
+
+def test_scanned_and_conv_models_take_the_ghost_path(quick_run):
+  _, results, _ = quick_run
+  if not hasattr(clipjax, "per_example_clipped_grad"):
+    pytest.skip("clipjax.per_example_clipped_grad is unavailable")
+  by_model = {r["model"]: r for r in results["results"]}
+  for model in NEW_MODELS:
+    result = by_model[model]
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["clipjax ghost"]["status"] == "ok", rows["clipjax ghost"]
+    plans = [result["ghost_plan"]]
+    if _installed("flax"):
+      assert rows["clipjax ghost nnx"]["status"] == "ok", rows["clipjax ghost nnx"]
+      plans.append(result["ghost_plan_nnx"])
+    for plan in plans:
+      assert plan and all(way.startswith("ghost") for way in plan), (model, plan)
+    rules = " ".join(result["ghost_plan"])
+    if model == "scan-transformer":
+      assert "in scan (L=2, stacked)" in rules, rules
+    else:
+      assert "conv" in rules, rules
+    # The ghost rows' clipped sums were checked against the others' (and
+    # test_the_clipped_sums_of_all_methods_agree says they all agreed).
+    checked = {c["method"] for c in result["checks"]}
+    checked |= {c["reference"] for c in result["checks"]}
+    ghosts = {m for m in ("clipjax ghost", "clipjax ghost nnx") if m in rows}
+    assert {m for m in ghosts if rows[m]["status"] == "ok"} <= checked, checked
+    assert all(c["ok"] for c in result["checks"]), result["checks"]
+
+
+def test_memory_and_goals_are_reported(quick_run):
+  stdout, results, markdown = quick_run
+  if not hasattr(clipjax, "per_example_clipped_grad"):
+    pytest.skip("clipjax.per_example_clipped_grad is unavailable")
+  goals = {"mlp-512": 1.3, "mlp-1024": 1.3, "scan-transformer": 1.3}
+  goals |= {"wrn-cnn": 1.5, "digits-cnn": 1.5}
+  for result in results["results"]:
+    model = result["model"]
+    memory = result["memory"]["jax"]
+    assert memory["ghost_mb"] > 0 and memory["plain_mb"] > 0, memory
+    assert memory["ratio"] == pytest.approx(memory["ghost_mb"] / memory["plain_mb"])
+    section = stdout.split(f"== {model}:", 1)[1].split("\n== ", 1)[0]
+    assert re.search(
+      rf"memory \(XLA temporaries \+ outputs\): clipjax ghost {NUMBER} MiB vs jax"
+      rf" plain {NUMBER} MiB \({NUMBER}x\)",
+      section,
+    ), section
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["clipjax ghost"]["memory_mb"] == pytest.approx(memory["ghost_mb"])
+    assert "memory_mb" not in rows["torch plain"], rows["torch plain"]
+    assert result["goal"] == goals.get(model), result["goal"]
+    if model in goals:
+      ratio = rows["clipjax ghost"]["ratio"]
+      met = "met" if ratio <= goals[model] else "NOT met"
+      assert (
+        f"goal: clipjax ghost <= {goals[model]}x jax plain: {met} ({ratio:.2f}x)"
+        in section
+      ), section
+    if rows["opacus ghost"]["status"] == "ok":
+      assert "goal: clipjax ghost faster than opacus ghost: " in section, section
+  assert "| XLA temp + output MiB |" in markdown
