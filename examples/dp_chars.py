@@ -13,7 +13,11 @@ dataset. The model is trained twice from the same initial weights, with the
 same SGD (learning rate, momentum) and number of steps:
 
 - without privacy: ``optax.sgd`` on the mean loss of batches of
-  ``--batch-size`` windows drawn from the pool;
+  ``--batch-size`` windows drawn from the pool, the batch gradient clipped to
+  global norm ``--l2-clip`` (``clipjax.clip_by_global_norm``): unclipped, SGD
+  at this learning rate spikes and stalls (see ``spikes.py``), which would make
+  DP-SGD, whose clipping steadies it, look better than training without
+  privacy;
 - with DP-SGD: each step's batch is Poisson-sampled from the pool (each window
   independently with probability ``q = batch_size / pool``, padded to one size
   with masked rows), the per-window gradients are clipped to ``--l2-clip`` and
@@ -115,7 +119,9 @@ def train(
       len(pool), args.batch_size / len(pool), args.steps, rng
     )
   else:
-    tx = optax.sgd(args.lr, momentum=momentum)
+    tx = optax.chain(
+      clipjax.clip_by_global_norm(args.l2_clip), optax.sgd(args.lr, momentum=momentum)
+    )
     indices = rng.integers(0, len(pool), (args.steps, args.batch_size))
     masks = np.ones(indices.shape, np.float32)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -180,7 +186,10 @@ def main(argv: list[str] | None = None) -> None:
   print()
   print("| training | validation loss (nats) | epsilon (delta=1e-5) | seconds |")
   print("|---|---:|---:|---:|")
-  print(f"| non-private SGD | {plain_loss:.3f} | inf | {plain_s:.1f} |")
+  print(
+    f"| non-private SGD (global norm {args.l2_clip:g}) | {plain_loss:.3f} | inf"
+    f" | {plain_s:.1f} |"
+  )
   print(
     f"| DP-SGD (z={args.noise_multiplier:g}, C={args.l2_clip:g}) | {dp_loss:.3f}"
     f" | {eps:.2f} | {dp_s:.1f} |"
