@@ -41,6 +41,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 from clipjax import _norms
@@ -682,30 +683,53 @@ def conv_slices(tap: Tap, act: jax.Array) -> list[jax.Array]:
 
 
 def conv_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
-  """Per-example squared norm of a convolution kernel's gradient.
+  """Per-example squared norm of a convolution kernel's gradient, by the Gram form.
 
   Example ``b``'s kernel gradient at window position ``k`` is, per group,
   ``A_bk^T G_b``: the ``(T, C_in / G)`` input slice that meets it
-  (:func:`conv_slices`) against the ``(T, C_out / G)`` output gradient. The
-  squared norm, summed over the window and the groups, comes from those
-  products formed explicitly, or from the Gram matrices
-  ``(sum_k A_bk A_bk^T) * (G_b G_b^T)``, whichever costs fewer multiply-adds
-  (:func:`conv_method`).
+  (:func:`conv_slices`) against the ``(T, C_out / G)`` output gradient. Its
+  squared norm, summed over the window and the groups, is read off the Gram
+  matrices ``(sum_k A_bk A_bk^T) * (G_b G_b^T)``. Where forming the products
+  costs fewer multiply-adds (:func:`conv_method`), they are formed instead,
+  by :func:`conv_per_example`, and kept for the clipped sum.
   """
   dn = tap.eqn.params["dimension_numbers"]
   t, groups, _, p = conv_sizes(tap)
-  slices = [_f32(a) for a in conv_slices(tap, act)]
   g = jnp.transpose(g, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
   g_r = _f32(g.reshape(g.shape[0], t, groups, p))
-  if conv_method(tap) == "gram":
-    ga = sum(jnp.einsum("btgc,bsgc->bgts", a, a, precision=_HIGHEST) for a in slices)
-    gg = jnp.einsum("btgp,bsgp->bgts", g_r, g_r, precision=_HIGHEST)
-    return jnp.sum(ga * gg, axis=(1, 2, 3))
-  total = jnp.zeros(g_r.shape[:1], g_r.dtype)
-  for a in slices:
-    kernel = jnp.einsum("btgc,btgp->bgcp", a, g_r, precision=_HIGHEST)
-    total = total + jnp.sum(kernel**2, axis=(1, 2, 3))
-  return total
+  ga = sum(
+    jnp.einsum("btgc,bsgc->bgts", _f32(a), _f32(a), precision=_HIGHEST)
+    for a in conv_slices(tap, act)
+  )
+  gg = jnp.einsum("btgp,bsgp->bgts", g_r, g_r, precision=_HIGHEST)
+  return jnp.sum(ga * gg, axis=(1, 2, 3))
+
+
+def conv_per_example(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
+  """Per-example kernel gradients ``(B, *kernel)`` in the kernel's layout.
+
+  The explicit method's products (:func:`conv_sq_norms`) kept: for the
+  clipped sum, a contraction of these with the clip factors costs a fraction
+  of a second kernel-gradient convolution (the book-keeping pass), and a
+  convolution's kernel is small beside its activations.
+  """
+  dn = tap.eqn.params["dimension_numbers"]
+  t, groups, _, p = conv_sizes(tap)
+  rhs = tap.eqn.invars[1].aval.shape
+  window = [rhs[i] for i in dn.rhs_spec[2:]]
+  g = jnp.transpose(g, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  g_r = _f32(g.reshape(g.shape[0], t, groups, p))
+  per_window = [
+    jnp.einsum("btgc,btgp->bcgp", _f32(a), g_r, precision=_HIGHEST)
+    for a in conv_slices(tap, act)
+  ]
+  b, c = per_window[0].shape[:2]
+  kernel = jnp.stack(per_window, axis=1).reshape(b, *window, c, groups * p)
+  # Axes (batch, *spatial, in, out), to the kernel's own layout.
+  order = (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0])
+  kernel = jnp.transpose(kernel, (0, *(1 + i for i in np.argsort(order))))
+  # In the kernel operand's dtype, as its chain back to the leaf expects.
+  return kernel.astype(tap.eqn.invars[1].aval.dtype)
 
 
 def embedding_sq_norms(tap: Tap, idx: jax.Array, g: jax.Array) -> jax.Array:

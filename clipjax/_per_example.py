@@ -576,13 +576,24 @@ def _ghost_parts(
 
   n = len(leaves)
   sq = [jnp.zeros((b,), jnp.float32) for _ in range(n)]
+  # Convolutions whose per-example kernel gradients are cheaper to form than
+  # their Gram matrices keep them for the clipped sum, as explicit per-example
+  # gradients (no second kernel-gradient convolution).
+  formed = {
+    k
+    for k, t in taps.items()
+    if t.kind == "conv" and _ghost.conv_method(t) == "explicit"
+  }
   explicit: dict[int, jax.Array] = {}
   for key, tap in taps.items():
     g = out_grads[key]
-    if tap.kind in ("dense", "embedding", "conv"):
+    if tap.kind in ("dense", "embedding", "conv") and key not in formed:
       sq[tap.leaf] = sq[tap.leaf] + _ghost.tap_sq_norms(tap, records[key], g)
     else:
-      if tap.kind == "broadcast":
+      if tap.kind == "conv":
+        pe = lambda r, d, tap=tap: _ghost.conv_per_example(tap, r, d)
+        per_operand = (jax.vmap(pe) if tap.scan else pe)(records[key], g)
+      elif tap.kind == "broadcast":
         per_operand = _ghost.broadcast_per_example(tap, g)
       elif tap.scan is not None:  # stacked over the iterations
         per_operand = jax.vmap(
@@ -607,7 +618,7 @@ def _ghost_parts(
   def finish(c: list[jax.Array], keep: jax.Array) -> list[jax.Array]:
     grads: list[Any] = [None] * n
     for key, tap in taps.items():
-      if tap.kind in ("elementwise", "broadcast"):
+      if tap.kind in ("elementwise", "broadcast") or key in formed:
         continue
       g = out_grads[key]
       acc = _norms.accumulation_dtype(g.dtype)
