@@ -3,8 +3,9 @@
 Two Flax NNX models classify scikit-learn's 8x8 ``digits`` (1797 images; a
 fixed stratified 80/20 split, 1437 for training and 360 for testing; features
 standardised with the training split's statistics): a 64-32-10 tanh MLP, and a
-small CNN (two ``nnx.Conv``, the second strided, then an ``nnx.Linear``), whose per-example norms clipjax computes through the
-convolutions without forming per-example gradients. Each is trained twice from
+small CNN (two ``nnx.Conv``, the second strided, then an ``nnx.Linear``),
+whose per-example norms clipjax computes through the convolutions without
+forming per-example gradients. Each is trained twice from
 the same initial model, with the same SGD (learning rate, momentum, batch
 size, number of epochs):
 
