@@ -984,7 +984,9 @@ def spam_clip(
       parts = (_norms._squares(g, acc, down), after.astype(acc))
       if down is not None:
         return _sums(parts)
-      return _sums((*parts, spike.astype(jnp.float32)))
+      # The count in the sums' dtype: XLA rejects a reduction of mixed
+      # precisions (float64 sums under jax_enable_x64).
+      return _sums((*parts, spike.astype(acc)))
 
     # Pass 1, one reduction per leaf, from g and v: the norms before and after
     # clipping and the spikes. Pass 2, what needs to know whether the step is
@@ -1009,7 +1011,7 @@ def spam_clip(
     ratio = jnp.where(norm > 0, after / jnp.where(norm > 0, norm, 1.0), 1.0)
     size = sum(int(g.size) for g in leaves)
     count = functools.reduce(
-      lax.add, [s[2] for s in per_leaf], jnp.zeros((), jnp.float32)
+      lax.add, [s[2].astype(jnp.float32) for s in per_leaf], jnp.zeros((), jnp.float32)
     )
     fraction = count / size if size else jnp.zeros((), jnp.float32)
     extra = {"nonfinite_steps": state.stats.extra["nonfinite_steps"] + _count(~finite)}
