@@ -682,6 +682,14 @@ def conv_slices(tap: Tap, act: jax.Array) -> list[jax.Array]:
   return slices
 
 
+def _conv_out_grad(tap: Tap, g: jax.Array) -> jax.Array:
+  """A convolution's output gradient as ``(B, T, G, C_out / G)``, in float32."""
+  dn = tap.eqn.params["dimension_numbers"]
+  t, groups, _, p = conv_sizes(tap)
+  g = jnp.transpose(g, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  return _f32(g.reshape(g.shape[0], t, groups, p))
+
+
 def conv_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
   """Per-example squared norm of a convolution kernel's gradient, by the Gram form.
 
@@ -693,10 +701,7 @@ def conv_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
   costs fewer multiply-adds (:func:`conv_method`), they are formed instead,
   by :func:`conv_per_example`, and kept for the clipped sum.
   """
-  dn = tap.eqn.params["dimension_numbers"]
-  t, groups, _, p = conv_sizes(tap)
-  g = jnp.transpose(g, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
-  g_r = _f32(g.reshape(g.shape[0], t, groups, p))
+  g_r = _conv_out_grad(tap, g)
   ga = sum(
     jnp.einsum("btgc,bsgc->bgts", _f32(a), _f32(a), precision=_HIGHEST)
     for a in conv_slices(tap, act)
@@ -708,17 +713,17 @@ def conv_sq_norms(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
 def conv_per_example(tap: Tap, act: jax.Array, g: jax.Array) -> jax.Array:
   """Per-example kernel gradients ``(B, *kernel)`` in the kernel's layout.
 
-  The explicit method's products (:func:`conv_sq_norms`) kept: for the
-  clipped sum, a contraction of these with the clip factors costs a fraction
-  of a second kernel-gradient convolution (the book-keeping pass), and a
+  The explicit method: per window position ``k`` and group, ``A_bk^T G_b``
+  (:func:`conv_sq_norms` names them), formed and kept, so that the clipped
+  sum is a contraction of these with the clip factors, a fraction of a
+  second kernel-gradient convolution (the book-keeping pass); a
   convolution's kernel is small beside its activations.
   """
   dn = tap.eqn.params["dimension_numbers"]
-  t, groups, _, p = conv_sizes(tap)
+  _, groups, _, p = conv_sizes(tap)
   rhs = tap.eqn.invars[1].aval.shape
   window = [rhs[i] for i in dn.rhs_spec[2:]]
-  g = jnp.transpose(g, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
-  g_r = _f32(g.reshape(g.shape[0], t, groups, p))
+  g_r = _conv_out_grad(tap, g)
   per_window = [
     jnp.einsum("btgc,btgp->bcgp", _f32(a), g_r, precision=_HIGHEST)
     for a in conv_slices(tap, act)

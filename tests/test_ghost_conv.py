@@ -76,6 +76,22 @@ def convs(draw):
   )
 
 
+# A 2-D NHWC convolution, 3x3, stride 1, "SAME" padding: the fixed cases
+# below change what they test from it.
+PLAIN_2D = dict(
+  layout=LAYOUTS[2][0],
+  groups=1,
+  c_in=4,
+  c_out=4,
+  window=[3, 3],
+  strides=[1, 1],
+  lhs_dilation=[1, 1],
+  rhs_dilation=[1, 1],
+  spatial=[5, 5],
+  padding=[(1, 1), (1, 1)],
+)
+
+
 def _model(cfg, b=4):
   lhs, rhs, out = cfg["layout"]
   key = jax.random.key(0)
@@ -143,35 +159,13 @@ def test_conv_norms_and_clipped_sums_equal_explicit_per_example_grads(cfg):
 def test_depthwise_conv(method, layout):
   # feature_group_count = C_in: one input channel per group, two outputs each
   # (a Flax depthwise conv), which a ghost rule that ignores groups gets wrong.
-  cfg = dict(
-    layout=layout,
-    groups=4,
-    c_in=4,
-    c_out=8,
-    window=[3, 3],
-    strides=[1, 1],
-    lhs_dilation=[1, 1],
-    rhs_dilation=[1, 1],
-    spatial=[5, 5],
-    padding=[(1, 1), (1, 1)],
-  )
+  cfg = dict(PLAIN_2D, layout=layout, groups=4, c_in=4, c_out=8)
   _check(*_model(cfg), expect_rule=f"ghost: conv ({method})")
 
 
 def test_the_rule_picks_the_cheaper_method():
   # 32x32 outputs, 3x3x3 -> 16: T (D + P) >> D P, the explicit product.
-  few = dict(
-    layout=LAYOUTS[2][0],
-    groups=1,
-    c_in=3,
-    c_out=16,
-    window=[3, 3],
-    strides=[1, 1],
-    lhs_dilation=[1, 1],
-    rhs_dilation=[1, 1],
-    spatial=[32, 32],
-    padding=[(1, 1)] * 2,
-  )
+  few = dict(PLAIN_2D, c_in=3, c_out=16, spatial=[32, 32])
   # 2x2 outputs of 64 -> 64 channels: T (D + P) << D P, the Gram form.
   wide = dict(few, c_in=64, c_out=64, spatial=[4, 4], strides=[2, 2])
   for cfg, rule in ((few, "explicit"), (wide, "gram")):
@@ -182,16 +176,7 @@ def test_the_rule_picks_the_cheaper_method():
 
 def test_bfloat16_activations(method):
   cfg = dict(
-    layout=LAYOUTS[2][0],
-    groups=2,
-    c_in=4,
-    c_out=4,
-    window=[3, 3],
-    strides=[2, 1],
-    lhs_dilation=[1, 1],
-    rhs_dilation=[1, 1],
-    spatial=[6, 5],
-    padding=[(1, 1), (0, 1)],
+    PLAIN_2D, groups=2, strides=[2, 1], spatial=[6, 5], padding=[(1, 1), (0, 1)]
   )
   params, loss_fn, (x,) = _model(cfg)
 
