@@ -24,9 +24,15 @@ import optax
 from jax import lax
 
 from clipjax import _norms
-from clipjax._checks import TreeShapes, check_bound, check_state_fits, is_concrete
+from clipjax._checks import (
+  TreeShapes,
+  check_bound,
+  check_stacked_fits,
+  check_state_fits,
+  is_concrete,
+)
 from clipjax._clipping import _ONE_ARRAY, StackedStats, require_params
-from clipjax._layout import Stacked, mismatch
+from clipjax._layout import Stacked
 from clipjax._stats import ClipStats, make_stats, with_stats
 
 NonFinite = Literal["zero", "propagate"]
@@ -564,17 +570,16 @@ def adagc(
 
   def check_fits(updates, fields, held):
     """Raises ``ValueError`` naming the leaf unless ``held`` is a gamma for them."""
-    if isinstance(held, Stacked) and held.layout == fields.layout:
-      return
     if fields.treedef == _ONE_ARRAY and np.shape(held) == ():
       return
-    scalars = jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), updates)
-    got = held.tree() if isinstance(held, Stacked) else held
-    check_state_fits(call, updates, got, scalars)
-    why = None
-    if isinstance(held, Stacked):
-      why = mismatch(call, fields.layout, held.layout, "state's gamma")
-    raise ValueError(why or f"{call}: the state's gamma does not fit the updates.")
+    check_stacked_fits(
+      call,
+      "state's gamma",
+      held,
+      fields.layout,
+      updates,
+      lambda: jax.tree.map(lambda _: jax.ShapeDtypeStruct((), jnp.float32), updates),
+    )
 
   def update_fn(updates, state, params=None):
     del params

@@ -1,10 +1,13 @@
 """Checks of hyperparameters and states that name the call, argument and value."""
 
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clipjax._layout import Layout, Stacked, mismatch
 
 MANY_BOUNDS = (
   "To apply many bounds at once, jax.vmap over a function that builds and"
@@ -274,3 +277,27 @@ def check_state_fits(call: str, updates: Any, state: Any, expected: Any) -> None
     f" {jax.tree.structure(expected)}). Was the state made by init from"
     " another tree? init and update need trees of one structure and leaf shapes."
   )
+
+
+def check_stacked_fits(
+  call: str,
+  what: str,
+  held: Any,
+  layout: Layout,
+  updates: Any,
+  expected: Callable[[], Any],
+) -> None:
+  """Raises ``ValueError`` unless ``held`` (a :class:`Stacked` state part) fits.
+
+  ``held`` is the part of ``call``'s state named ``what`` (``"state's gamma"``),
+  stacked by ``init`` for a tree of ``layout``. The quick path is one static
+  comparison of layouts; only on a mismatch is ``expected()`` called for the
+  per-leaf tree ``init`` would build for ``updates``, so that the error names
+  the first leaf that differs (as :func:`check_state_fits` does).
+  """
+  if isinstance(held, Stacked) and held.layout == layout:
+    return
+  got = held.tree() if isinstance(held, Stacked) else held
+  check_state_fits(call, updates, got, expected())
+  why = mismatch(call, layout, held.layout, what) if isinstance(held, Stacked) else None
+  raise ValueError(why or f"{call}: the {what} does not fit the updates.")

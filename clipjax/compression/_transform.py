@@ -12,8 +12,8 @@ import optax
 from jax import lax
 
 from clipjax import _norms
-from clipjax._checks import check_state_fits
-from clipjax._layout import Layout, Stacked, mismatch
+from clipjax._checks import check_stacked_fits
+from clipjax._layout import Layout, Stacked
 from clipjax._stats import labelled
 from clipjax.compression._base import Compressor, check_choice, nbytes, wire
 from clipjax.compression._feedback import FEEDBACKS, Feedback
@@ -399,20 +399,14 @@ def staged_transform(
   def check_fits(updates, layout, state):
     """A state made by init for these updates' shapes, or a clear error."""
     for what in ("feedback", "compressor"):
-      held = getattr(state, what, None)
-      if isinstance(held, Stacked) and held.layout == layout:
-        continue
-      # The error path only: what init would make, per leaf, for these updates.
-      shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), updates)
-      expected = getattr(jax.eval_shape(init_fn, shapes), what).tree()
-      got = held.tree() if isinstance(held, Stacked) else held
-      check_state_fits(call, updates, got, expected)
-      why = (
-        mismatch(call, layout, held.layout, f"state's {what}")
-        if isinstance(held, Stacked)
-        else None
+      # On a mismatch only: what init would make, per leaf, for these updates.
+      def expected(what=what):
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), updates)
+        return getattr(jax.eval_shape(init_fn, shapes), what).tree()
+
+      check_stacked_fits(
+        call, f"state's {what}", getattr(state, what, None), layout, updates, expected
       )
-      raise ValueError(why or f"{call}: the state's {what} does not fit the updates.")
 
   def update_fn(updates, state, params=None):
     del params
