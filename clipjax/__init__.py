@@ -44,7 +44,7 @@ from clipjax.compression import compress as compress
 from clipjax.compression import compression_stats as compression_stats
 from clipjax.compression import dgc as dgc
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one source: pyproject.toml reads it (setuptools dynamic)
 
 __all__ = (
   "AdaGCState",

@@ -3,6 +3,8 @@
 import argparse
 from collections.abc import Sequence
 
+from clipjax import __version__
+
 
 def _steps(text: str) -> int:
   value = int(text)
@@ -24,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     prog="clipjax",
     description="Gradient clipping as composable optax transformations.",
   )
+  parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
   commands = parser.add_subparsers(dest="command", required=True, metavar="command")
   demo = commands.add_parser(
     "demo",

@@ -5,16 +5,20 @@ a ``::: clipjax.name`` directive (mkdocstrings). The examples in those
 docstrings run as doctests through pytest's ``--doctest-modules``; the checks
 here make sure each public name has one, and that pytest collects it. The
 Python blocks in the pages' prose run, and each checks its result by the
-README's rule (``check_snippet`` in tests/test_readme.py).
+README's rule (``check_snippet`` in tests/test_readme.py). The built site
+shows its math as MathML rendered at build time (docs/hooks/mathml.py) and
+loads nothing from the network.
 """
 
 import doctest
 import importlib
 import inspect
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,6 +38,16 @@ DIRECTIVE = re.compile(r"^::: (\S+)\s*$", re.MULTILINE)
 IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)|<img [^>]*src=\"([^\"]+)\"")
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 MAX_IMAGE_BYTES = 150_000
+# In the built HTML: what a reader sees as text once code, scripts and MathML
+# are cut out, and the TeX delimiters that must not survive in it.
+NOT_PROSE = re.compile(r"<(pre|code|script|math)\b.*?</\1>", re.DOTALL)
+RAW_TEX = re.compile(r"\\[()\[\]]|\$\$")
+FORMULA = re.compile(r'<(span|div) class="arithmatex">(.*?)</\1>', re.DOTALL)
+MATHML = re.compile(r"<math\b.*?</math>", re.DOTALL)
+# In the Markdown sources: code (fenced or inline), then formula openings.
+MD_CODE = re.compile(r"^```.*?^```|`[^`\n]+`", re.MULTILINE | re.DOTALL)
+MD_FORMULA = re.compile(r"\\[(\[]|\$\$")
+EXTERNAL_ASSET = re.compile(r"<(?:script|link|img)\b[^>]*(?:src|href)=\"(?:https?:)?//")
 
 
 def public_names() -> dict[str, Any]:
@@ -90,8 +104,16 @@ def is_documented_callable(obj: Any) -> bool:
   return inspect.isfunction(obj) or inspect.isclass(obj)
 
 
-def test_mkdocs_build_is_strict_and_clean(tmp_path: Path):
-  site = tmp_path / "site"
+def built_page(site: Path, page: str) -> Path:
+  """The HTML that ``docs/<page>`` builds to (mkdocs' directory URLs)."""
+  stem = page.removesuffix(".md")
+  return site / "index.html" if stem == "index" else site / stem / "index.html"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+  """The site built by ``mkdocs build --strict``, and the build's output."""
+  site = tmp_path_factory.mktemp("docs") / "site"
   run = subprocess.run(
     [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
     cwd=ROOT,
@@ -102,10 +124,77 @@ def test_mkdocs_build_is_strict_and_clean(tmp_path: Path):
   )
   output = run.stdout + run.stderr
   assert run.returncode == 0, f"mkdocs build --strict failed:\n{output}"
+  return site, output
+
+
+def test_mkdocs_build_is_strict_and_clean(site: tuple[Path, str]):
+  path, output = site
   assert "WARNING" not in output, output
-  html = "".join(p.read_text() for p in site.rglob("*.html"))
+  html = "".join(p.read_text() for p in path.rglob("*.html"))
   unrendered = [path for _, path in directives() if f'id="{path}"' not in html]
   assert not unrendered, f"directives that rendered no heading: {unrendered}"
+
+
+def test_built_pages_show_no_raw_tex(site: tuple[Path, str]):
+  raw = {}
+  for page in sorted(site[0].rglob("*.html")):
+    prose = NOT_PROSE.sub("", page.read_text())
+    hits = [
+      prose[max(0, m.start() - 40) : m.end() + 40] for m in RAW_TEX.finditer(prose)
+    ]
+    if hits:
+      raw[str(page.relative_to(site[0]))] = hits[:3]
+  assert not raw, f"TeX left for a script to typeset (docs/hooks/mathml.py): {raw}"
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in DOCS.glob("*.md")))
+def test_built_pages_render_their_math_as_mathml(site: tuple[Path, str], page: str):
+  source = MD_CODE.sub("", (DOCS / page).read_text())
+  html = built_page(site[0], page).read_text()
+  formulas = FORMULA.findall(html)
+  # Each formula of the page's prose is MathML; docstrings may add more.
+  assert len(formulas) >= len(MD_FORMULA.findall(source)), page
+  for _, body in formulas:
+    assert MATHML.fullmatch(body), f"{page}: a formula not rendered: {body[:200]}"
+    element = ET.fromstring(body)  # well-formed, as browsers' MathML needs
+    assert element.find(".//{*}merror") is None, f"{page}: {body[:200]}"
+
+
+def test_built_pages_load_nothing_from_the_network(site: tuple[Path, str]):
+  remote = {
+    str(page.relative_to(site[0])): EXTERNAL_ASSET.findall(page.read_text())
+    for page in site[0].rglob("*.html")
+  }
+  remote = {page: tags for page, tags in remote.items() if tags}
+  assert not remote, f"pages that load scripts, styles or images remotely: {remote}"
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (Debian's package)")
+def test_a_page_with_math_renders_in_headless_chromium(
+  site: tuple[Path, str], tmp_path: Path
+):
+  assert CHROMIUM is not None
+  shot = tmp_path / "clipping.png"
+  run = subprocess.run(
+    [
+      CHROMIUM,
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--window-size=1200,1600",
+      f"--screenshot={shot}",
+      built_page(site[0], "clipping.md").as_uri(),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert shot.read_bytes().startswith(b"\x89PNG"), "no screenshot written"
 
 
 def test_every_directive_names_a_public_object():
