@@ -1,4 +1,4 @@
-"""Compressed data-parallel gradient exchange over a JAX device mesh.
+"""Compressed data-parallel gradient exchange over a JAX device mesh, and DiLoCo.
 
 :func:`compressed_mean` runs inside ``jax.shard_map`` over a mesh's data axis.
 Each device compresses its own gradient (with its own error-feedback state),
@@ -27,18 +27,33 @@ bytes costs ``2 (N-1)/N P``, a saving of ``D / P`` at any ``N``. A gathered
 payload costs ``(N-1) P``: sparse top-k with int32 indices (``P = 2 k 4``
 bytes) beats the dense all-reduce only while its density ``k / n`` stays below
 about ``1 / N``, and the saving shrinks as ``N`` grows.
+
+:func:`diloco` sends far less: each device takes ``sync_every`` local steps
+with an inner optimizer, and only then is the pseudo-gradient (the anchor
+minus the local params) averaged, through the same exchange with a
+compressor or by a plain ``pmean``, and applied by an outer optimizer; with
+``fragments`` (Streaming DiLoCo) one fragment of the leaves travels at a time.
 """
 
 from typing import Any
 
 import optax
 
+from clipjax._diloco import DilocoState, DilocoStats, diloco, diloco_stats
 from clipjax.compression import _exchange, _transform
 from clipjax.compression._base import Compressor, check_choice
 from clipjax.compression._exchange import EXCHANGES, exchange_bytes
 from clipjax.compression._feedback import FEEDBACKS
 
-__all__ = ("EXCHANGES", "compressed_mean", "exchange_bytes")
+__all__ = (
+  "EXCHANGES",
+  "DilocoState",
+  "DilocoStats",
+  "compressed_mean",
+  "diloco",
+  "diloco_stats",
+  "exchange_bytes",
+)
 
 
 def compressed_mean(
