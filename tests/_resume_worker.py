@@ -15,6 +15,10 @@ DIR``):
 - ``resume``: restores each chain's checkpoint into the abstract target
   ``jax.eval_shape`` gives, checks the typed state structure came back, trains
   to ``STEPS`` and writes ``DIR/resume.npz``.
+
+``diloco_qsgd`` trains inside ``jax.shard_map`` over ``DEVICES`` CPU devices,
+each on its slice of the batch, with params and state per device (a leading
+device axis, sharded over the mesh), as ``clipjax.distributed.diloco`` wants.
 """
 
 import os
@@ -25,11 +29,14 @@ import warnings
 import jax
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_num_cpu_devices", 4)  # for diloco's mesh
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import clipjax  # noqa: E402
 from clipjax import compression  # noqa: E402
@@ -37,6 +44,7 @@ from clipjax import compression  # noqa: E402
 STEPS = 40
 SAVE_AT = 17  # after the adaptive clippers' warm-up, mid-way through training
 BATCH = 16
+DEVICES = 4
 CRASH_LIMIT_S = 60.0  # a crash worker still alive this long exits with code 3
 
 
@@ -89,6 +97,21 @@ CHAINS = {
   ),
 }
 
+# Trained per device over a mesh: name -> factory (no standard promotion needed).
+DISTRIBUTED = {
+  # Syncs at 5, 10, ... (fragment 0) and 7, 12, 17, ... (fragment 1): the
+  # checkpoint after 17 updates holds fragment 0's residuals from update 15.
+  "diloco_qsgd": lambda: clipjax.distributed.diloco(
+    optax.sgd(0.05, momentum=0.9),
+    optax.sgd(0.7, momentum=0.9, nesterov=True),
+    sync_every=5,
+    axis_name="data",
+    compressor=compression.qsgd(127, bucket_size=8),
+    fragments=2,
+    key=5,
+  ),
+}
+
 _rng = np.random.default_rng(0)
 _X = _rng.normal(size=(256, 8)).astype(np.float32)
 _W_TRUE = _rng.normal(size=(8, 1)).astype(np.float32)
@@ -128,6 +151,43 @@ def make_step(tx: optax.GradientTransformation, standard: bool):
   return step
 
 
+def make_mesh_chain(tx: optax.GradientTransformation):
+  """``(init, step)`` with params and state per device (leading axis, sharded)."""
+  mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+
+  def per_device(tree):
+    return jax.tree.map(lambda a: a[None], tree)
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=P(), out_specs=P("data"))
+  def init(params):
+    params = jax.lax.pcast(params, "data", to="varying")
+    return per_device((params, tx.init(params)))
+
+  @jax.jit
+  @jax.shard_map(mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+  def step(params, opt_state, x, y):  # x, y: this device's slice of the batch
+    params, opt_state = jax.tree.map(lambda a: a[0], (params, opt_state))
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return per_device((optax.apply_updates(params, updates), opt_state))
+
+  return init, step
+
+
+def begin(name: str):
+  """``(step_fn, params, opt_state)`` of a chain, before its first step."""
+  if name in DISTRIBUTED:
+    init, step_fn = make_mesh_chain(DISTRIBUTED[name]())
+    return (step_fn, *init(init_params()))
+  factory, standard = CHAINS[name]
+  tx = factory()
+  return make_step(tx, standard), init_params(), tx.init(init_params())
+
+
+NAMES = (*CHAINS, *DISTRIBUTED)
+
+
 def train(step_fn, params, opt_state, start: int, stop: int):
   for t in range(start, stop):
     params, opt_state = step_fn(params, opt_state, *batch(t))
@@ -141,12 +201,9 @@ def flat(prefix: str, tree) -> dict[str, np.ndarray]:
 
 def run_full(out: str) -> None:
   arrays = {}
-  for name, (factory, standard) in CHAINS.items():
-    tx = factory()
-    step_fn = make_step(tx, standard)
-    params, opt_state = train(
-      step_fn, init_params(), tx.init(init_params()), 0, SAVE_AT
-    )
+  for name in NAMES:
+    step_fn, params, opt_state = begin(name)
+    params, opt_state = train(step_fn, params, opt_state, 0, SAVE_AT)
     arrays |= flat(f"{name}/saved_state", opt_state)
     params, _ = train(step_fn, params, opt_state, SAVE_AT, STEPS)
     arrays |= flat(f"{name}/params", params)
@@ -156,12 +213,9 @@ def run_full(out: str) -> None:
 def run_crash(out: str) -> None:
   checkpointer = ocp.StandardCheckpointer()
   live = []
-  for name, (factory, standard) in CHAINS.items():
-    tx = factory()
-    step_fn = make_step(tx, standard)
-    params, opt_state = train(
-      step_fn, init_params(), tx.init(init_params()), 0, SAVE_AT
-    )
+  for name in NAMES:
+    step_fn, params, opt_state = begin(name)
+    params, opt_state = train(step_fn, params, opt_state, 0, SAVE_AT)
     checkpointer.save(
       os.path.join(out, "ckpt", name),
       {"params": params, "opt_state": opt_state, "step": jnp.int32(SAVE_AT)},
@@ -182,14 +236,9 @@ def run_crash(out: str) -> None:
 def run_resume(out: str) -> None:
   checkpointer = ocp.StandardCheckpointer()
   arrays = {}
-  for name, (factory, standard) in CHAINS.items():
-    tx = factory()
-    params = init_params()
-    target = {
-      "params": params,
-      "opt_state": tx.init(params),
-      "step": jnp.int32(0),
-    }
+  for name in NAMES:
+    step_fn, params, opt_state = begin(name)
+    target = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
     abstract = jax.eval_shape(lambda target=target: target)
     restored = checkpointer.restore(os.path.join(out, "ckpt", name), abstract)
     want, got = jax.tree.structure(abstract), jax.tree.structure(restored)
@@ -200,7 +249,6 @@ def run_resume(out: str) -> None:
         raise AssertionError(f"{name}: restored {r.shape} {r.dtype} != {a}")
     start = int(restored["step"])
     arrays |= flat(f"{name}/saved_state", restored["opt_state"])
-    step_fn = make_step(tx, standard)
     params, _ = train(step_fn, restored["params"], restored["opt_state"], start, STEPS)
     arrays |= flat(f"{name}/params", params)
   checkpointer.close()

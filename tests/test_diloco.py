@@ -395,3 +395,50 @@ def test_update_errors_name_diloco():
 
   with pytest.raises(ValueError, match=r"diloco\(axis_name='data'\).*same on every"):
     replicated(w)
+
+
+COLLECTIVES = {
+  "psum",
+  "psum_invariant",
+  "pmin",
+  "pmax",
+  "all_gather",
+  "all_gather_invariant",
+  "all_to_all",
+  "ppermute",
+  "psum_scatter",
+  "reduce_scatter",
+}
+
+
+def _collectives(jaxpr, in_cond=None, found=None):
+  """``[(primitive, index of the enclosing top-level cond or None)]``."""
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in COLLECTIVES:
+      found.append((eqn.primitive.name, in_cond))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, list | tuple) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          where = in_cond
+          if in_cond is None and eqn.primitive.name == "cond":
+            where = id(eqn)
+          _collectives(inner, where, found)
+  return found
+
+
+@pytest.mark.parametrize("compressor", [None, compression.top_k(0.1)])
+def test_collectives_run_only_in_the_sync_branches(compressor):
+  tx = _tx(sync_every=6, fragments=3, compressor=compressor)
+
+  @jax.shard_map(mesh=_mesh(), in_specs=P("data"), out_specs=P("data"))
+  def one_update(w):
+    w = {k: w[0, : math.prod(s)].reshape(s) for k, s in SHAPES.items()}
+    updates, _ = tx.update(w, tx.init(w), w)
+    return updates["a"][None]
+
+  jaxpr = jax.make_jaxpr(one_update)(jnp.ones((N, 30)))
+  found = _collectives(jaxpr.jaxpr)
+  assert found and all(cond is not None for _, cond in found), found
+  assert len({cond for _, cond in found}) == 3  # one cond per fragment
