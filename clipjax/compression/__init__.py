@@ -73,9 +73,12 @@ References:
 """
 
 from clipjax.compression._base import Compressor as Compressor
+from clipjax.compression._compose import compose as compose
 from clipjax.compression._compressors import cast as cast
+from clipjax.compression._compressors import chunked_top_k as chunked_top_k
 from clipjax.compression._compressors import natural as natural
 from clipjax.compression._compressors import qsgd as qsgd
+from clipjax.compression._compressors import quantize as quantize
 from clipjax.compression._compressors import random_k as random_k
 from clipjax.compression._compressors import sign as sign
 from clipjax.compression._compressors import terngrad as terngrad
@@ -98,6 +101,8 @@ __all__ = (
   "Compressor",
   "Feedback",
   "cast",
+  "chunked_top_k",
+  "compose",
   "compress",
   "compression_stats",
   "dgc",
@@ -108,6 +113,7 @@ __all__ = (
   "no_feedback",
   "powersgd",
   "qsgd",
+  "quantize",
   "random_k",
   "sign",
   "terngrad",

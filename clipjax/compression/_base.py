@@ -16,7 +16,9 @@ import numpy as np
 from jax import lax
 
 Shape = tuple[int, ...]
-Payload = dict[str, jax.Array]
+Payload = dict[str, Any]
+"""Arrays by name; a composition (:func:`~clipjax.compression.compose`) nests
+the inner compressor's payload under ``"values"``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,3 +306,59 @@ def pack_bits(flags: jax.Array) -> jax.Array:
 def unpack_bits(packed: jax.Array, n: int) -> jax.Array:
   """Inverse of :func:`pack_bits`: the first ``n`` bits as ``uint8`` 0/1."""
   return jnp.unpackbits(packed, count=n, bitorder="little")
+
+
+def packed_size(n: int, bits: int) -> int:
+  """Bytes that :func:`pack_fields` makes of ``n`` codes of ``bits`` bits."""
+  return -(-n * bits // 8)
+
+
+def pack_fields(codes: jax.Array, bits: int) -> jax.Array:
+  """1-D unsigned codes below ``2**bits`` -> a ``uint8`` bit stream.
+
+  Code ``i`` occupies bits ``i * bits`` to ``(i + 1) * bits - 1`` of the
+  stream, least significant bit first, and the stream fills each byte from its
+  lowest bit, as :func:`pack_bits` does (``bits=1`` is that packing): for
+  ``bits`` dividing 8, byte ``j`` holds codes ``j * 8 // bits`` onwards, the
+  first in its lowest bits. The last byte is padded with zero bits:
+  ``ceil(n * bits / 8)`` bytes (:func:`packed_size`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax.compression._base import pack_fields, unpack_fields
+    >>> packed = pack_fields(jnp.array([1, 2, 3], jnp.uint8), 4)
+    >>> print(packed, unpack_fields(packed, 4, 3))  # 0x21, 0x03
+    [33  3] [1 2 3]
+    >>> packed = pack_fields(jnp.array([5, 63, 0, 17]), 6)  # 24 bits
+    >>> print(packed, unpack_fields(packed, 6, 4))
+    [197 15 68] [ 5 63  0 17]
+  """
+  n = codes.shape[0]
+  if 8 % bits == 0:
+    per = 8 // bits
+    m = -(-n // per)
+    c = codes.astype(jnp.uint8)
+    if m * per > n:
+      c = jnp.pad(c, (0, m * per - n))
+    c = c.reshape(m, per)
+    out = c[:, 0]
+    for j in range(1, per):
+      out = out | (c[:, j] << jnp.uint8(j * bits))
+    return out
+  shifts = jnp.arange(bits, dtype=jnp.uint32)
+  flags = (codes.astype(jnp.uint32)[:, None] >> shifts) & jnp.uint32(1)
+  return pack_bits(flags.astype(jnp.bool_).reshape(-1))
+
+
+def unpack_fields(packed: jax.Array, bits: int, n: int) -> jax.Array:
+  """Inverse of :func:`pack_fields`: ``n`` codes, ``uint8`` for ``bits <= 8``,
+  else ``uint32``."""
+  if 8 % bits == 0:
+    shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)
+    fields = (packed[:, None] >> shifts) & jnp.uint8((1 << bits) - 1)
+    return fields.reshape(-1)[:n]
+  flags = unpack_bits(packed, n * bits).reshape(n, bits).astype(jnp.uint32)
+  codes = flags[:, 0]
+  for j in range(1, bits):
+    codes = codes | (flags[:, j] << jnp.uint32(j))
+  return codes.astype(jnp.uint8) if bits <= 8 else codes
