@@ -4,8 +4,9 @@ not judged."""
 import json
 import pathlib
 import re
-import subprocess
 import sys
+
+from _run import run
 
 SCRIPT = (
   pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "adaptive_overhead.py"
@@ -23,17 +24,10 @@ CLIPPERS = [
 
 def test_adaptive_overhead_quick_prints_a_ratio_per_clipper(tmp_path):
   out_json = tmp_path / "results.json"
-  proc = subprocess.run(
-    [sys.executable, str(SCRIPT), "--quick", "--json", str(out_json)],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
-  assert proc.returncode == 0, proc.stderr
+  stdout = run(sys.executable, SCRIPT, "--quick", "--json", out_json)
   for name in CLIPPERS:
     row = rf"^{name}\s+(global|tensor|element)\s+[\d.]+\s+[\d.]+\s+(\d+\.\d+)\s"
-    assert re.search(row, proc.stdout, re.MULTILINE), (name, proc.stdout)
+    assert re.search(row, stdout, re.MULTILINE), (name, stdout)
   results = json.loads(out_json.read_text())["results"]
   assert [r["clipper"] for r in results] == CLIPPERS
   assert all(r["ratio"] > 0 and r["baseline_ms"] > 0 for r in results)

@@ -1,35 +1,21 @@
 """clipjax bench: runs the benchmark scripts and joins their results in one table."""
 
 import json
-import subprocess
 import sys
 
 import pytest
+from _run import run
 
 from clipjax import _bench, cli
 
 
 def test_bench_runs_a_script_and_writes_one_table(tmp_path):
-  done = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "clipjax",
-      "bench",
-      "--only",
-      "compressors",
-      "--out",
-      str(tmp_path),
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
+  stdout = run(
+    sys.executable, "-m", "clipjax", "bench", "--only", "compressors", "--out", tmp_path
   )
-  assert done.returncode == 0, done.stderr[-2000:]
-  assert "[1/1] compressors.py --reps 15" in done.stdout
+  assert "[1/1] compressors.py --reps 15" in stdout
   table = (tmp_path / "bench.md").read_text()
-  assert table in done.stdout
+  assert table in stdout
   assert "| compressors | top_k(0.01, sampled) encode | " in table
   assert "exact lax.top_k" in table and "cpus" in table
   data = json.loads((tmp_path / "bench.json").read_text())

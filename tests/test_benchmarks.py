@@ -3,8 +3,9 @@
 import json
 import pathlib
 import re
-import subprocess
 import sys
+
+from _run import run
 
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 CLIPPERS = [
@@ -18,24 +19,13 @@ CLIPPERS = [
 
 def test_clip_overhead_quick_prints_a_ratio_per_clipper(tmp_path):
   out_json = tmp_path / "results.json"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      str(BENCHMARKS / "clip_overhead.py"),
-      "--quick",
-      "--json",
-      str(out_json),
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
+  stdout = run(
+    sys.executable, BENCHMARKS / "clip_overhead.py", "--quick", "--json", out_json
   )
-  assert proc.returncode == 0, proc.stderr
   for name in CLIPPERS:
     for dtype in ("float32", "bfloat16"):
       row = rf"^{re.escape(name)}\s+{dtype}\s+[\d.]+\s+[\d.]+\s+(\d+\.\d+)\s"
-      assert re.search(row, proc.stdout, re.MULTILINE), (name, dtype, proc.stdout)
+      assert re.search(row, stdout, re.MULTILINE), (name, dtype, stdout)
   results = json.loads(out_json.read_text())["results"]
   assert sorted({r["clipper"] for r in results}) == sorted(CLIPPERS)
   assert all(r["ratio"] > 0 for r in results)

@@ -9,7 +9,6 @@ batch, their mean (dense) or numpy's error feedback and top-k per worker, then
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _run import run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE = EXAMPLES / "data_parallel.py"
@@ -25,25 +25,17 @@ LR, MOMENTUM, RATIO = 0.05, 0.5, 0.004
 
 
 def _run(out, *args):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      str(EXAMPLE),
-      "--steps",
-      str(STEPS),
-      "--methods",
-      "dense,top_k",
-      "--save",
-      str(out),
-      *args,
-    ],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
+  return run(
+    sys.executable,
+    EXAMPLE,
+    "--steps",
+    str(STEPS),
+    "--methods",
+    "dense,top_k",
+    "--save",
+    out,
+    *args,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
 
 
 def _top_k_with_error_feedback(g, residual):

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import site
-import subprocess
 import sys
 import tarfile
 import tomllib
@@ -30,6 +29,7 @@ import zipfile
 from email.parser import Parser
 from pathlib import Path
 
+import _run
 import pytest
 
 import clipjax
@@ -66,23 +66,10 @@ print(json.dumps({
 
 
 def run(args: list[str | Path], cwd: Path, timeout: float = 300) -> str:
-  """Runs ``args`` in ``cwd`` with no PYTHONPATH; its stdout, or fails with both."""
+  """``args``' stdout, run in ``cwd`` with no PYTHON* variables (no PYTHONPATH)."""
   env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
   env |= {"PYTHONNOUSERSITE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-  done = subprocess.run(
-    [str(a) for a in args],
-    cwd=cwd,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    check=False,
-  )
-  assert done.returncode == 0, (
-    f"{' '.join(map(str, args))} failed ({done.returncode}):\n"
-    f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-  )
-  return done.stdout
+  return _run.run(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 def copy_sources(to: Path) -> Path:
