@@ -15,6 +15,7 @@ optimizer as well (its state left untouched), wrap the optimizer in
 """
 
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -144,15 +145,10 @@ def _leaf_norms(call: str, updates: Any) -> tuple[jax.Array, jax.Array]:
     # Every leaf flattened and padded to whole rows of one matrix: one
     # reduction of squares scaled by 2**-k per row, one segment sum of the
     # rows into the leaves. A few kernels, however many leaves and shapes.
-    rows, ids = [], []
-    for i, x in enumerate(leaves):
-      flat = _norms._magnitudes(x, wide)
-      count = max(1, -(-flat.size // _ROW))
-      rows.append(jnp.pad(flat, (0, count * _ROW - flat.size)).reshape(count, _ROW))
-      ids.append(np.full((count,), i, np.int32))
+    matrix, ids = _padded_rows([_norms._magnitudes(x, wide) for x in leaves])
     down = _norms._down([wide])[wide]
-    per_row = jnp.sum(_norms._squares(jnp.concatenate(rows), wide, down), axis=1)
-    per_leaf = jax.ops.segment_sum(per_row, np.concatenate(ids), len(leaves))
+    per_row = jnp.sum(_norms._squares(matrix, wide, down), axis=1)
+    per_leaf = jax.ops.segment_sum(per_row, ids, len(leaves))
     up = np.asarray(2.0 ** _norms._shift(wide), wide)
     norms = lax.select(lax.is_finite(sums), lax.sqrt(sums), jnp.sqrt(per_leaf) * up)
     return norms, _norms.combine_norms(norms)
@@ -162,8 +158,25 @@ def _leaf_norms(call: str, updates: Any) -> tuple[jax.Array, jax.Array]:
   return norms.astype(jnp.float32), total.astype(jnp.float32)
 
 
-# Elements per row of the matrix that the overflow path of _leaf_norms reduces.
+# Elements per row of the matrix that the overflow paths reduce.
 _ROW = 4096
+
+
+def _padded_rows(arrays: Sequence[jax.Array]) -> tuple[jax.Array, np.ndarray]:
+  """``arrays`` flattened, zero-padded to whole rows of ``_ROW`` and stacked.
+
+  Returns the matrix and, for each row, the index of the array it came from:
+  a reduction over the rows and a segment sum cost a few kernels whatever the
+  number of arrays and shapes (the overflow paths, where compile time matters
+  more than the extra pass).
+  """
+  rows, ids = [], []
+  for i, x in enumerate(arrays):
+    flat = x.reshape(-1)
+    count = max(1, -(-flat.size // _ROW))
+    rows.append(jnp.pad(flat, (0, count * _ROW - flat.size)).reshape(count, _ROW))
+    ids.append(np.full((count,), i, np.int32))
+  return jnp.concatenate(rows), np.concatenate(ids)
 
 
 def _scalar_fields(tree: Any) -> StackedStats:
@@ -837,34 +850,39 @@ def _sums(operands: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
 
 
 def _two_global_norms(
-  plain_sums: list[tuple[jax.Array, jax.Array]], scaled_sums: Any, wide: Any
+  plain_sums: list[tuple[jax.Array, jax.Array]],
+  magnitudes: Callable[[], list[tuple[jax.Array, jax.Array]]],
+  wide: Any,
 ) -> tuple[jax.Array, jax.Array]:
   """Two global norms (float32) from each leaf's two sums of squares, overflow-safe.
 
   As :func:`~clipjax._norms.global_norm`: if either total overflows, one
-  ``lax.cond`` recomputes both from each leaf's squares scaled by
-  ``2**-k``: ``scaled_sums(down)`` gives them, one reduction per leaf.
+  ``lax.cond`` recomputes both from squares scaled by ``2**-k`` of the
+  leaves' two magnitudes (``magnitudes()``, in ``wide``), flattened into the
+  rows of one matrix each (:func:`_padded_rows`): a few kernels, not one per
+  leaf.
   """
   if not plain_sums:
     zero = jnp.zeros((), jnp.float32)
     return zero, zero
-
-  def total(sums):
-    # Added one by one: a chain of adds compiles faster than a stack of
-    # hundreds of scalars.
-    return jnp.stack(
-      [functools.reduce(lax.add, [s[j].astype(wide) for s in sums]) for j in (0, 1)]
-    )
 
   def plain(totals):
     return jnp.sqrt(lax.optimization_barrier(totals))
 
   def rescaled(totals):
     del totals
+    down = _norms._down([wide])[wide]
     up = np.asarray(2.0 ** _norms._shift(wide), wide)
-    return jnp.sqrt(total(scaled_sums(_norms._down([wide])[wide]))) * up
+    pairs = magnitudes()
+    matrices = [_padded_rows([p[j] for p in pairs])[0] for j in (0, 1)]
+    sums = [jnp.sum(_norms._squares(m, wide, down)) for m in matrices]
+    return jnp.sqrt(jnp.stack(sums)) * up
 
-  totals = total(plain_sums)
+  # Added one by one: a chain of adds compiles faster than a stack of hundreds
+  # of scalars.
+  totals = jnp.stack(
+    [functools.reduce(lax.add, [s[j].astype(wide) for s in plain_sums]) for j in (0, 1)]
+  )
   norms = lax.cond(jnp.any(jnp.isposinf(totals)), rescaled, plain, totals)
   norms = norms.astype(jnp.float32)
   return norms[0], norms[1]
@@ -976,32 +994,32 @@ def spam_clip(
     leaves, treedef = jax.tree.flatten(updates)
     nus = treedef.flatten_up_to(state.nu)  # type: ignore[attr-defined]
 
-    def sums(g, v, down=None):
+    def sums(g, v):
       """The leaf's sums of ``|g|**2`` and of its update's squares, in its
-      accumulation dtype (of the squares scaled by ``down``, if given), and
-      its number of spikes."""
+      accumulation dtype, and its number of spikes."""
       out, after, spike = clip(g, v, active)
       acc = _norms.accumulation_dtype(g.dtype)
-      if down is not None or jnp.finfo(g.dtype).bits < 32:
+      if jnp.finfo(g.dtype).bits < 32:
         # The norm of the update as it is rounded to its dtype.
         out = out.astype(acc)
-        after = lax.mul(out, out) if down is None else _norms._squares(out, acc, down)
-      parts = (_norms._squares(g, acc, down), after.astype(acc))
-      if down is not None:
-        return _sums(parts)
+        after = lax.mul(out, out)
       # The count in the sums' dtype: XLA rejects a reduction of mixed
       # precisions (float64 sums under jax_enable_x64).
-      return _sums((*parts, spike.astype(acc)))
+      return _sums((_norms._squares(g, acc), after.astype(acc), spike.astype(acc)))
+
+    def magnitudes(wide):
+      """Each leaf's ``|g|`` and ``|update|``, in ``wide`` (the overflow path)."""
+      return [
+        (_norms._magnitudes(g, wide), _norms._magnitudes(clip(g, v, active)[0], wide))
+        for g, v in zip(leaves, nus, strict=True)
+      ]
 
     # Pass 1, one reduction per leaf, from g and v: the norms before and after
     # clipping and the spikes. Pass 2, what needs to know whether the step is
     # finite: the update and nu, each one loop over g and v (and p).
     per_leaf = [sums(g, v) for g, v in zip(leaves, nus, strict=True)]
-    norm, after = _two_global_norms(
-      per_leaf,
-      lambda down: [sums(g, v, down) for g, v in zip(leaves, nus, strict=True)],
-      _norms.widest_accumulation_dtype(leaves),
-    )
+    wide = _norms.widest_accumulation_dtype(leaves)
+    norm, after = _two_global_norms(per_leaf, lambda: magnitudes(wide), wide)
     finite = lax.is_finite(norm)
     b2, rest = _norms._like(beta2, norm), _norms._like(1 - beta2, norm)
     new, new_nus = [], []
