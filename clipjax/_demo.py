@@ -40,7 +40,7 @@ def _import_extras() -> tuple[Any, Any, Any]:
   except ImportError as e:
     raise MissingExtrasError(
       f"the demo needs {e.name or 'flax, matplotlib and tqdm'}, which is not"
-      " installed; install the extras with: pip install 'clipjax[examples]'"
+      " installed; install the extras with: pip install 'optax-clipjax[examples]'"
     ) from e
   return nnx, Figure, tqdm
 

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
       " a line on data with outliers (clipjax.clip_by_global_norm), each"
       " with and without clipping; prints a summary and writes a PNG of the"
       " loss and the gradient norm before and after clipping."
-      " Needs: pip install 'clipjax[examples]'."
+      " Needs: pip install 'optax-clipjax[examples]'."
     ),
   )
   demo.add_argument("--steps", type=_steps, default=1000, help="SGD steps per run")

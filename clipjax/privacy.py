@@ -11,7 +11,7 @@ batch size. The pieces here:
 - :func:`dp_sgd` is the preset ``noise -> / batch size -> optax.sgd``, whose
   input is the clipped sum that ``clipjax.per_example_clipped_grad`` returns;
 - :func:`epsilon` and :func:`noise_multiplier_for` account for ``steps`` such
-  steps with Google's ``dp_accounting`` (``pip install 'clipjax[privacy]'``),
+  steps with Google's ``dp_accounting`` (``pip install 'optax-clipjax[privacy]'``),
   imported only when called;
 - :func:`adaptive_clip_init`, :func:`adaptive_clip_update` and
   :func:`adjusted_noise_multiplier` learn ``C`` privately as a quantile of the
@@ -278,7 +278,8 @@ def _dp_accounting(call: str) -> Any:
     import dp_accounting
   except ImportError as e:
     raise ImportError(
-      f"clipjax.privacy.{call} needs dp-accounting: pip install 'clipjax[privacy]'"
+      f"clipjax.privacy.{call} needs dp-accounting:"
+      " pip install 'optax-clipjax[privacy]'"
     ) from e
   return dp_accounting
 

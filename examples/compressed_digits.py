@@ -31,7 +31,7 @@ shadow the standard library's ``compression`` package, which JAX imports.
 Each method's training is one ``jax.jit``-compiled ``lax.scan`` over all its
 steps. Run with ``python examples/compressed_digits.py [--epochs 30]
 [--lr 0.05] [--seed 0] [--methods "dense,top_k + EF"] [--quick]``; needs
-``pip install 'clipjax[examples]'`` (for scikit-learn).
+``pip install 'optax-clipjax[examples]'`` (for scikit-learn).
 """
 
 import argparse

@@ -3,7 +3,7 @@
 1797 8x8 images of 10 digits; a fixed stratified 80/20 split (1437 for
 training, 360 for testing), features standardised with the training split's
 statistics. Shared by ``dp_digits.py``, ``compressed_digits.py`` and
-``data_parallel.py``; needs scikit-learn (``pip install 'clipjax[examples]'``).
+``data_parallel.py``; needs scikit-learn (``pip install 'optax-clipjax[examples]'``).
 """
 
 import numpy as np

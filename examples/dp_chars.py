@@ -34,7 +34,7 @@ nats, over fixed validation windows) and, for DP-SGD, the epsilon that
 Run with ``python examples/dp_chars.py [--steps 300] [--noise-multiplier 1.0]
 [--l2-clip 1.0] [--batch-size 256] [--pool 16384] [--lr 0.5] [--d-model 32]
 [--layers 2] [--quick]``;
-needs ``pip install 'clipjax[examples]'``.
+needs ``pip install 'optax-clipjax[examples]'``.
 """
 
 import argparse

@@ -32,7 +32,7 @@ larger for a larger model.
 
 Run with ``python examples/dp_digits.py [--epochs 30] [--noise-multiplier 1.5]
 [--l2-clip 1.0] [--batch-size 64] [--learning-rate 0.3] [--seed 0]
-[--models mlp,cnn] [--quick]``; needs ``pip install 'clipjax[examples]'``.
+[--models mlp,cnn] [--quick]``; needs ``pip install 'optax-clipjax[examples]'``.
 """
 
 import argparse

@@ -15,7 +15,7 @@ The clipper is a link in the optimizer's ``optax.chain``, so the gradient that
 the clipper saw and did from the optimizer state with ``clipjax.clip_stats``.
 
 Run with ``python examples/linear_regression.py [--steps N] [--clip C]``; needs
-``pip install 'clipjax[examples]'``.
+``pip install 'optax-clipjax[examples]'``.
 """
 
 import argparse

@@ -31,7 +31,7 @@ the seeds, and the largest rate whose accuracy is at least ``--threshold``
 written to ``--out``/``table.md``.
 
 Run with ``python examples/lr_sweep.py [--quick] [--optimizer sgd|adam]
-[--methods a,b] [--out DIR]``; needs ``pip install 'clipjax[examples]'``.
+[--methods a,b] [--out DIR]``; needs ``pip install 'optax-clipjax[examples]'``.
 """
 
 import argparse

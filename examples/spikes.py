@@ -43,7 +43,7 @@ steps of the default model took 11 s this way (compilation included) against
 16 s with an ``nnx.jit`` step per Python iteration, with the same losses.
 
 Run with ``python examples/spikes.py [--steps N] [--lr LR] [--methods a,b]
-[--quick] [--out DIR]``; needs ``pip install 'clipjax[examples]'``.
+[--quick] [--out DIR]``; needs ``pip install 'optax-clipjax[examples]'``.
 """
 
 import argparse

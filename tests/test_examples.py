@@ -166,7 +166,7 @@ def test_demo_without_extras_says_what_to_install(tmp_path, capsys, monkeypatch)
     clipjax.cli.main(["demo", "--steps", "1", "--out", str(tmp_path)])
 
   assert exit_info.value.code == 1
-  assert "pip install 'clipjax[examples]'" in capsys.readouterr().err
+  assert "pip install 'optax-clipjax[examples]'" in capsys.readouterr().err
   assert not list(tmp_path.iterdir())
 
 

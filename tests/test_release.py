@@ -37,7 +37,14 @@ import clipjax
 ROOT = Path(__file__).resolve().parents[1]
 DIST_NAME = "optax-clipjax"
 # What the build needs from the checkout; the rest of the sdist is derived.
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "clipjax")
+SOURCES = (
+  "pyproject.toml",
+  "README.md",
+  "LICENSE",
+  "CHANGELOG.md",
+  "MANIFEST.in",
+  "clipjax",
+)
 NOT_DEPENDENCIES = ("clipjax", "optax_clipjax", "__editable__", "__pycache__")
 
 SMOKE = """
@@ -159,7 +166,8 @@ def test_release_builds_checks_installs_and_runs(tmp_path: Path):
   with tarfile.open(sdist) as tar:
     in_sdist = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert tar.extractfile(f"{stem}/LICENSE").read().decode() == licence
-  assert {"LICENSE", "README.md", "pyproject.toml", "clipjax/__init__.py"} <= in_sdist
+  shipped = {"LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml"}
+  assert shipped | {"clipjax/__init__.py"} <= in_sdist
 
   # Install into a fresh environment and use it from an empty folder.
   env, purelib = clean_env(tmp_path)
