@@ -7,8 +7,11 @@ over one array; it never sees a pytree and never talks to other devices:
   otherwise), deterministic so that all workers start equal;
 - ``encode(x, state, key) -> (payload, state)``: ``payload`` is a dict of
   static-shape arrays, exactly what travels (values, int32 indices, sign bits
-  packed 8 per byte, ternary codes 4 per byte, int8 levels with a float32
-  scale per bucket, low-rank factors);
+  packed 8 per byte, ternary codes 4 per byte, int8 levels or packed 4-bit
+  and 2-bit codes with a float32 scale per chunk, float8 values with a
+  power-of-two exponent byte per chunk, in-chunk positions in the fewest bits
+  that hold them, low-rank factors); :func:`compose` nests a second
+  compressor's payload of the values under ``"values"``;
 - ``decode(payload, shape, dtype, state, key) -> x_hat``;
 - ``payload_bytes(shape, dtype) -> int``: exact and static, the sum of
   ``size * itemsize`` over the payload's arrays;
