@@ -78,6 +78,20 @@ def np_quantize(x, bits, chunk, scales=None):
   return lv.astype(np.int64), scales
 
 
+def np_unpack_planar(packed, bits, size, rows):
+  """The documented planar rows: code i of a row of ``size`` in byte i % q,
+  bits (i // q) * bits onwards, q = ceil(size * bits / 8); flattened."""
+  packed = np.asarray(packed)
+  q = _ceil(size * bits, 8)
+  assert packed.dtype == np.uint8 and packed.shape == (rows, q)
+  i = np.arange(size)
+  codes = (packed[:, i % q] >> ((i // q) * bits)) & ((1 << bits) - 1)
+  # Slots past the row's end are zero bits.
+  j = np.arange(size, q * (8 // bits))
+  assert not np.any((packed[:, j % q] >> ((j // q) * bits)) & ((1 << bits) - 1))
+  return codes.astype(np.int64).ravel()
+
+
 def np_level_decode(payload, bits, chunk, n):
   """Decode of quantize's payload: packed codes (or int8 levels) times scales."""
   levels = (1 << (bits - 1)) - 1
@@ -86,8 +100,17 @@ def np_level_decode(payload, bits, chunk, n):
   if bits == 8:
     lv = np.concatenate([payload["levels"], payload.get("tail", [])]).astype(np.int64)
   else:
-    assert payload["codes"].dtype == np.uint8
-    lv = np_unpack(payload["codes"], bits, n) - levels
+    # Whole chunks' rows, then a short last chunk's row: "codes", then "tail".
+    whole, tail = divmod(n, chunk)
+    pieces = [(chunk, whole)] if whole else []
+    pieces += [(tail, 1)] if tail else []
+    names = ["codes", "tail"][: len(pieces)]
+    assert set(payload) == {*names, "scales"}
+    rows = [
+      np_unpack_planar(payload[name], bits, size, count)
+      for name, (size, count) in zip(names, pieces, strict=True)
+    ]
+    lv = np.concatenate(rows) - levels
   assert lv.shape == (n,) and np.all(np.abs(lv) <= levels)
   return lv, (lv * scales[np.arange(n) // chunk]).astype(F32)
 
@@ -123,7 +146,11 @@ def _quantize_case(bits, chunk):
     np.testing.assert_array_equal(lv, want)  # the nearest levels
     return out
 
-  per_level = (lambda n: n) if bits == 8 else (lambda n: _ceil(n * bits, 8))
+  def per_level(n):  # a row of whole bytes per chunk
+    if bits == 8:
+      return n
+    return n // chunk * _ceil(chunk * bits, 8) + _ceil(n % chunk * bits, 8)
+
   return (
     lambda: C.quantize(bits, chunk_size=chunk),
     lambda n, isz: per_level(n) + 4 * _ceil(n, chunk),

@@ -362,3 +362,38 @@ def unpack_fields(packed: jax.Array, bits: int, n: int) -> jax.Array:
   for j in range(1, bits):
     codes = codes | (flags[:, j] << jnp.uint32(j))
   return codes.astype(jnp.uint8) if bits <= 8 else codes
+
+
+def pack_planar(codes: jax.Array, bits: int) -> jax.Array:
+  """Rows of codes below ``2**bits`` (``bits`` 1, 2 or 4) -> ``uint8``, planar.
+
+  A row of ``s`` codes becomes ``q = ceil(s * bits / 8)`` bytes, byte ``i``
+  holding the row's codes ``i``, ``i + q``, ``i + 2q``, ... from its lowest
+  bits up (zero bits where the row ends). Each slot reads a contiguous run of
+  the row, which XLA:CPU vectorizes; interleaved codes (``2i``, ``2i + 1``)
+  made a stochastic 4-bit quantizer's encoding about seven times slower.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax.compression._base import pack_planar, unpack_planar
+    >>> packed = pack_planar(jnp.array([[1, 2, 3]], jnp.uint8), 4)
+    >>> print(packed, unpack_planar(packed, 4, 3))  # 0x31, 0x02
+    [[49  2]] [[1 2 3]]
+  """
+  per = 8 // bits
+  rows, s = codes.shape
+  q = -(-s // per)
+  c = codes.astype(jnp.uint8)
+  if q * per > s:
+    c = jnp.pad(c, ((0, 0), (0, q * per - s)))
+  out = c[:, :q]
+  for j in range(1, per):
+    out = out | (c[:, j * q : (j + 1) * q] << jnp.uint8(j * bits))
+  return out.reshape(rows, q)
+
+
+def unpack_planar(packed: jax.Array, bits: int, s: int) -> jax.Array:
+  """Inverse of :func:`pack_planar`: rows of ``s`` ``uint8`` codes."""
+  shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)[:, None]
+  fields = (packed[:, None, :] >> shifts) & jnp.uint8((1 << bits) - 1)
+  return fields.reshape(packed.shape[0], -1)[:, :s]

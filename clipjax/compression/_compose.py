@@ -77,7 +77,7 @@ def compose(outer: Compressor, *, values: Compressor) -> Compressor:
     >>> x = jax.random.normal(jax.random.PRNGKey(0), (1024,))
     >>> x_hat, payload, _ = c.roundtrip(x, (), None)
     >>> print(c.name, {k: v.shape for k, v in payload["values"].items()})
-    chunked_top_k+int2 {'codes': (8,), 'scales': (1,)}
+    chunked_top_k+int2 {'codes': (1, 8), 'scales': (1,)}
     >>> c.payload_bytes(x.shape, x.dtype)  # 8 + 4 bytes of values, 24 of indices
     36
     >>> print(int((x_hat != 0).sum()) <= 32, float(jnp.abs(x_hat).max()) > 0)

@@ -27,12 +27,14 @@ from clipjax.compression._base import (
   numel,
   pack_bits,
   pack_fields,
+  pack_planar,
   packed_size,
   random_below,
   random_bits,
   uniform01,
   unpack_bits,
   unpack_fields,
+  unpack_planar,
 )
 
 _F32 = jnp.float32
@@ -495,7 +497,7 @@ def _level_quantizer(
     return lax.bitcast_convert_type((bits + mask) & ~mask, _F32)
 
   def quantize(xb: jax.Array, scale: jax.Array, bits: jax.Array | None) -> jax.Array:
-    """Signed levels of one piece, flat, as float32."""
+    """Signed levels of one piece (rows of buckets), as float32."""
     safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     y = jnp.abs(xb).astype(_F32) / safe[:, None]
     if bits is None:
@@ -504,7 +506,7 @@ def _level_quantizer(
       low = jnp.floor(y)
       mag = low + (uniform01(bits) < y - low).astype(_F32)
     mag = jnp.minimum(mag, float(levels))
-    return jnp.where(xb < 0, -mag, mag).reshape(-1)
+    return jnp.where(xb < 0, -mag, mag)
 
   def encode(x, state, key):
     flat = x.reshape(-1)
@@ -523,18 +525,22 @@ def _level_quantizer(
       if code_bits is not None:
         return {"codes": flat.astype(jnp.uint8), "scales": flat.astype(_F32)}, state
       return {"levels": flat.astype(out_dtype), "scales": flat.astype(_F32)}, state
-    scale_arr = jnp.concatenate(scales)
-    if code_bits is not None:
-      codes = jnp.concatenate(
-        [(lv + float(levels)).astype(jnp.uint8) for lv in levels_out]
-      )
-      return {"codes": pack_fields(codes, code_bits), "scales": scale_arr}, state
     # The short last bucket's levels travel apart: concatenated, XLA:CPU fuses
     # the quantizer into a concatenate, a loop it does not vectorize (about one
     # memory pass more, on 25M elements).
-    payload = {"levels": levels_out[0].astype(out_dtype), "scales": scale_arr}
-    if len(levels_out) == 2:
-      payload["tail"] = levels_out[1].astype(out_dtype)
+    if code_bits is not None:
+      # Rows of packed bytes, one per bucket: flattened, XLA:CPU no longer
+      # vectorizes the stochastic quantizer feeding them (ten times slower).
+      sent = [
+        pack_planar((lv + float(levels)).astype(jnp.uint8), code_bits)
+        for lv in levels_out
+      ]
+    else:
+      sent = [lv.astype(out_dtype).reshape(-1) for lv in levels_out]
+    payload = {"levels" if code_bits is None else "codes": sent[0]}
+    payload["scales"] = jnp.concatenate(scales)
+    if len(sent) == 2:
+      payload["tail"] = sent[1]
     return payload, state
 
   def decode(payload, shape, dtype, state, key):
@@ -542,8 +548,16 @@ def _level_quantizer(
     n = numel(shape)
     scales = payload["scales"]
     if code_bits is not None:
-      codes = unpack_fields(payload["codes"], code_bits, n)
-      lv = codes.astype(jnp.int32) - jnp.int32(levels)
+      # The first piece, "codes", is the whole buckets, or the short one alone.
+      sizes = [bucket_size] if n >= bucket_size else []
+      sizes += [n % bucket_size] if n % bucket_size else []
+      parts = [
+        unpack_planar(payload[name], code_bits, size).reshape(-1)
+        for name, size in zip(("codes", "tail"), sizes, strict=False)
+      ]
+      lv = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+      lv = lv.astype(jnp.int32) - jnp.int32(levels)
+      payload = {"scales": scales}  # the tail is in lv already
     else:
       lv = payload["levels"]
     # The levels padded to whole rows, with a short last bucket sent apart
@@ -559,9 +573,12 @@ def _level_quantizer(
   def payload_bytes(shape, dtype):
     del dtype
     n = numel(shape)
-    per_level = (
-      out_dtype.itemsize * n if code_bits is None else packed_size(n, code_bits)
-    )
+    if code_bits is None:
+      per_level = out_dtype.itemsize * n
+    else:
+      whole, tail = divmod(n, bucket_size)
+      per_level = whole * packed_size(bucket_size, code_bits)
+      per_level += packed_size(tail, code_bits)
     return per_level + 4 * (-(-n // bucket_size))
 
   return Compressor(
@@ -596,10 +613,11 @@ def qsgd(
 
   Payload: the levels and ``scales`` (one float32 per bucket, the value of
   one level, ``r / levels`` rounded up to ``24 - bit_length(levels)``
-  significant bits). Up to 7 levels travel packed (:func:`quantize`'s
-  layout): ``codes``, ``l + levels`` in 4 bits (2 to 7 levels, two per byte)
-  or 2 bits (1 level, four per byte), ``ceil(n * bits / 8)`` bytes. More
-  levels travel as ``levels``, ``n`` signed integers in the smallest of int8,
+  significant bits). Up to 7 levels travel packed as :func:`quantize`
+  packs them: ``codes``, ``l + levels`` in 4 bits (2 to 7 levels, two per
+  byte) or 2 bits (1 level, four per byte), ``ceil(bucket_size * bits / 8)``
+  bytes per bucket (a short last bucket's apart, as ``tail``). More levels
+  travel as ``levels``, ``n`` signed integers in the smallest of int8,
   int16, int32 that holds them (those of a short last bucket after whole ones
   apart, as ``tail``): ``n * itemsize`` bytes. Plus ``4 * ceil(n /
   bucket_size)`` bytes of scales. The short scale makes every decoded ``level
@@ -658,11 +676,17 @@ def quantize(
   exact in float32) is bit-identical on every device; the chunk's largest
   element lands on level ``L``.
 
-  Payload: ``codes`` (``l + L`` packed four 2-bit or two 4-bit codes per
-  byte, the first in the lowest bits: ``ceil(n * bits / 8)`` bytes; for
-  ``bits=8`` int8 ``levels`` as :func:`qsgd` sends them, ``n`` bytes) and
-  ``scales`` (one float32 per chunk). Bytes per element: ``bits / 8 + 4 /
-  chunk_size``; for 4 bits and chunks of 64, 0.5625 (7.1x fewer than float32).
+  Payload: ``codes``, the codes ``l + L`` four 2-bit or two 4-bit to a byte,
+  one row of ``q = ceil(chunk_size * bits / 8)`` bytes per whole chunk, byte
+  ``i`` holding the chunk's codes ``i``, ``i + q``, ... from its lowest bits
+  up (planar within the chunk, so that encoding reads contiguous runs, which
+  XLA:CPU vectorizes), a short last chunk's row apart as ``tail`` (alone,
+  as ``codes``); for
+  ``bits=8``, int8 ``levels`` as :func:`qsgd` sends them. And ``scales``, one
+  float32 per chunk. Bytes: ``ceil(n * bits / 8) + 4 * ceil(n / chunk_size)``
+  when ``chunk_size * bits`` is a multiple of 8 (else each chunk rounds up to
+  whole bytes): per element ``bits / 8 + 4 / chunk_size``, for 4 bits and
+  chunks of 64 0.5625 (7.1x fewer than float32).
   The 2-bit code is ternary: ``{-1, 0, 1} * scale``, the fourth code unused,
   which keeps zero exact and the sign of every element sent.
 
@@ -686,8 +710,10 @@ def quantize(
     >>> c = compression.quantize(4, chunk_size=4)
     >>> x = jnp.array([3.5, -0.5, 1.2, 0.0, 7.0, 1.0])
     >>> x_hat, payload, _ = c.roundtrip(x, (), None)
-    >>> print(payload["scales"], payload["codes"])  # codes 14, 6 | 9, 7 | 14, 8
-    [0.5 1. ] [110 121 142]
+    >>> print(payload["scales"])
+    [0.5 1. ]
+    >>> print(payload["codes"], payload["tail"])  # codes 14, 6, 9, 7 | 14, 8
+    [[158 118]] [[142]]
     >>> print(x_hat, c.payload_bytes(x.shape, x.dtype))  # 1.2 is off by 0.2
     [ 3.5 -0.5  1.   0.   7.   1. ] 11
 
