@@ -21,10 +21,10 @@ the same per-device batch (so the same tokens) under each configuration:
 
 ``--configs`` also takes ``diloco_fp8`` (float8 e4m3 with a power-of-two scale
 per 32, by the reduce-scatter exchange: gathered, float8 would cost as much as
-the float32 ``pmean`` on 8 devices). Every configuration starts from the same model, and every
-device sees the same batches under each. Each is one ``clipjax.distributed``
-transformation used inside ``jax.shard_map``, with the params and the
-optimizer state per device (a leading device axis, ``P("data")``); the
+the float32 ``pmean`` on 8 devices). Every configuration starts from the same
+model, and every device sees the same batches under each. Each is one
+``clipjax.distributed`` transformation used inside ``jax.shard_map``, with the
+params and the optimizer state per device (a leading device axis, ``P("data")``); the
 training runs in jitted chunks of ``H`` updates (a ``lax.scan``), after each
 of which the validation loss of the anchor (the consensus model; for data
 parallelism, the params) is measured on fixed validation windows.
@@ -33,6 +33,14 @@ The table gives the final validation loss, the bytes one device sends per
 update (ring collectives: ``2 (N-1)/N`` of a buffer for an all-reduce, ``N-1``
 payloads for an all-gather) and the ratio to data parallelism's; the plot
 (``--plot``), the validation loss against the bytes sent so far.
+
+What to expect with the defaults (6 minutes on 2 CPU cores): data parallelism
+reaches a validation loss of 1.60; DiLoCo 1.93 (+21%) at 50x fewer bytes, the
+same with int8 pseudo-gradients at 187x, Streaming DiLoCo in 4 bits 1.91 at
+366x, the sparse 2-bit exchange 2.35 at 1,464x. With 8 workers each on an
+eighth of the batch and only 20 syncs, DiLoCo stays well short of data
+parallelism here; sweeps of the learning rates (inner 3e-3 to 1e-2, outer 0.7
+to 1.0, momentum 0.8 or 0.9) and H = 25 left it 15-25% behind.
 
 Run on 8 CPU devices of one process::
 
