@@ -53,7 +53,7 @@ every process ends with the same params, bit for bit)::
   python examples/low_communication.py --processes 2
 
 ``--quick`` is a small model and a few updates, for the test suite.
-Needs ``pip install 'clipjax[examples]'``.
+Needs ``pip install 'optax-clipjax[examples]'``.
 """
 
 import argparse

@@ -27,19 +27,15 @@ import time
 import warnings
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-jax.config.update("jax_num_cpu_devices", 4)  # for diloco's mesh
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import clipjax  # noqa: E402
-from clipjax import compression  # noqa: E402
+import clipjax
+from clipjax import compression
 
 STEPS = 40
 SAVE_AT = 17  # after the adaptive clippers' warm-up, mid-way through training
@@ -256,6 +252,10 @@ def run_resume(out: str) -> None:
 
 
 if __name__ == "__main__":
+  # Here, not at import: pytest's --doctest-modules imports this file, and a
+  # device count set then would become the whole suite's (4 instead of 8).
+  jax.config.update("jax_numpy_dtype_promotion", "strict")
+  jax.config.update("jax_num_cpu_devices", DEVICES)  # for diloco's mesh
   warnings.simplefilter("error")
   mode, directory = sys.argv[1], sys.argv[2]
   {"full": run_full, "crash": run_crash, "resume": run_resume}[mode](directory)
