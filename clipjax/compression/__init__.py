@@ -9,8 +9,9 @@ over one array; it never sees a pytree and never talks to other devices:
   static-shape arrays, exactly what travels (values, int32 indices, sign bits
   packed 8 per byte, ternary codes 4 per byte, int8 levels or packed 4-bit
   and 2-bit codes with a float32 scale per chunk, float8 values with a
-  power-of-two exponent byte per chunk, in-chunk positions in the fewest bits
-  that hold them, low-rank factors); :func:`compose` nests a second
+  power-of-two exponent byte per chunk, in-chunk positions (or, for DeMo's
+  :func:`dct_top_k`, the frequencies of a chunk's cosine transform) in the
+  fewest bits that hold them, low-rank factors); :func:`compose` nests a second
   compressor's payload of the values under ``"values"``;
 - ``decode(payload, shape, dtype, state, key) -> x_hat``;
 - ``payload_bytes(shape, dtype) -> int``: exact and static, the sum of
@@ -30,7 +31,10 @@ over one array; it never sees a pytree and never talks to other devices:
 A **feedback** (:class:`Feedback`) is per-leaf state beside the compressor,
 checkpointed with the optimizer: ``prepare(g, state)`` gives the array to
 compress, ``finish(g, state, local_hat, mean_hat)`` the update and the new
-state. Error feedback, EF21 and DGC's momentum correction are feedbacks.
+state. Error feedback, EF21 and DGC's momentum correction are feedbacks;
+error feedback with a decay (``error_feedback(decay=beta)``) is DeMo's
+momentum. :func:`compress` and ``compressed_mean`` take one by name
+(``feedback="ef21"``) or as a :class:`Feedback`.
 
 The **transport** on one process is :func:`compress`: encode then decode, so
 the update is exactly what the wire carries, with the bytes counted in a
@@ -86,6 +90,7 @@ from clipjax.compression._compressors import random_k as random_k
 from clipjax.compression._compressors import sign as sign
 from clipjax.compression._compressors import terngrad as terngrad
 from clipjax.compression._compressors import top_k as top_k
+from clipjax.compression._dct import dct_top_k as dct_top_k
 from clipjax.compression._dgc import dgc as dgc
 from clipjax.compression._feedback import Feedback as Feedback
 from clipjax.compression._feedback import dgc_momentum as dgc_momentum
@@ -108,6 +113,7 @@ __all__ = (
   "compose",
   "compress",
   "compression_stats",
+  "dct_top_k",
   "dgc",
   "dgc_momentum",
   "ef21",

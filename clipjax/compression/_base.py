@@ -166,6 +166,16 @@ def check_ratio(call: str, ratio: Any) -> float:
   return float(ratio)
 
 
+def check_unit(call: str, name: str, value: Any) -> float:
+  """A Python number in [0, 1], else ``ValueError`` naming the call."""
+  ok = isinstance(value, int | float | np.floating | np.integer) and not isinstance(
+    value, bool
+  )
+  if not ok or not 0.0 <= float(value) <= 1.0:
+    raise ValueError(f"{call}({name}={value!r}) must be a number in [0, 1].")
+  return float(value)
+
+
 def check_int(call: str, name: str, value: Any, minimum: int) -> int:
   """A Python int >= ``minimum``, else ``ValueError`` naming the call."""
   if (
@@ -397,3 +407,65 @@ def unpack_planar(packed: jax.Array, bits: int, s: int) -> jax.Array:
   shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)[:, None]
   fields = (packed[:, None, :] >> shifts) & jnp.uint8((1 << bits) - 1)
   return fields.reshape(packed.shape[0], -1)[:, :s]
+
+
+# -- chunked top-k -----------------------------------------------------------------
+#
+# chunked_top_k and dct_top_k send the same payload: the k largest magnitudes of
+# each chunk, chunk after chunk, and their positions in the chunk, bit-packed.
+
+
+def check_chunked_k(call: str, k: Any, chunk_size: Any) -> tuple[int, int]:
+  """``k`` in ``[1, chunk_size]`` and ``chunk_size >= 2``, else ``ValueError``."""
+  chunk_size = check_int(call, "chunk_size", chunk_size, 2)
+  k = check_int(call, "k", k, 1)
+  if k > chunk_size:
+    raise ValueError(f"{call}(k={k!r}) must be at most chunk_size={chunk_size}.")
+  return k, chunk_size
+
+
+def index_bits(chunk_size: int) -> int:
+  """The bits of one in-chunk position: ``ceil(log2(chunk_size))``."""
+  return (chunk_size - 1).bit_length()
+
+
+def chunk_count(n: int, chunk_size: int) -> int:
+  return -(-n // chunk_size)
+
+
+def to_chunks(flat: jax.Array, chunk_size: int) -> jax.Array:
+  """A 1-D array as rows of ``chunk_size``, the last one padded with zeros."""
+  n = flat.shape[0]
+  c = chunk_count(n, chunk_size)
+  if c * chunk_size > n:
+    flat = jnp.pad(flat, (0, c * chunk_size - n))
+  return flat.reshape(c, chunk_size)
+
+
+def top_k_of_chunks(rows: jax.Array, k: int, value_dtype: Any) -> Payload:
+  """Each row's ``k`` largest ``|x|``: ``{"values", "indices"}``, the values in
+  ``value_dtype`` row after row, largest first, their positions in the row
+  packed by :func:`pack_fields` in :func:`index_bits` bits each."""
+  _, idx = lax.top_k(jnp.abs(rows), k)
+  vals = jnp.take_along_axis(rows, idx, axis=1).reshape(-1)
+  return {
+    "values": vals.astype(value_dtype),
+    "indices": pack_fields(idx.reshape(-1), index_bits(rows.shape[1])),
+  }
+
+
+def from_top_k_of_chunks(
+  payload: Payload, c: int, k: int, chunk_size: int, dtype: Any
+) -> jax.Array:
+  """Inverse of :func:`top_k_of_chunks`: the ``c`` rows, flat, zeros elsewhere."""
+  idx = unpack_fields(payload["indices"], index_bits(chunk_size), c * k)
+  starts = jnp.arange(c, dtype=jnp.int32)[:, None] * chunk_size
+  pos = (idx.astype(jnp.int32).reshape(c, k) + starts).reshape(-1)
+  vals = payload["values"].astype(dtype)
+  return jnp.zeros((c * chunk_size,), dtype).at[pos].set(vals, unique_indices=True)
+
+
+def top_k_of_chunks_bytes(c: int, k: int, chunk_size: int, value_itemsize: int) -> int:
+  """The bytes of :func:`top_k_of_chunks`'s payload for ``c`` rows."""
+  m = c * k
+  return m * value_itemsize + packed_size(m, index_bits(chunk_size))

@@ -17,23 +17,27 @@ from clipjax.compression._base import (
   Payload,
   Shape,
   check_choice,
+  check_chunked_k,
   check_float_dtype,
   check_int,
   check_ratio,
+  chunk_count,
   compute_dtype,
   count_of,
+  from_top_k_of_chunks,
   hash_bits,
   hash_seeds,
   numel,
   pack_bits,
-  pack_fields,
   pack_planar,
   packed_size,
   random_below,
   random_bits,
+  to_chunks,
+  top_k_of_chunks,
+  top_k_of_chunks_bytes,
   uniform01,
   unpack_bits,
-  unpack_fields,
   unpack_planar,
 )
 
@@ -253,51 +257,28 @@ def chunked_top_k(
     momentum optimization <https://arxiv.org/abs/2411.19870>`_, 2024.
   """
   call = "chunked_top_k"
-  chunk_size = check_int(call, "chunk_size", chunk_size, 2)
-  k = check_int(call, "k", k, 1)
-  if k > chunk_size:
-    raise ValueError(f"{call}(k={k!r}) must be at most chunk_size={chunk_size}.")
+  k, chunk_size = check_chunked_k(call, k, chunk_size)
   wire = (
     None if value_dtype is None else check_float_dtype(call, "value_dtype", value_dtype)
   )
-  index_bits = (chunk_size - 1).bit_length()
 
   def values_dtype(dtype: Any) -> Any:
     return jnp.dtype(dtype) if wire is None else wire
 
-  def chunks(n: int) -> int:
-    return -(-n // chunk_size)
-
   def encode(x, state, key):
     del key
-    flat = x.reshape(-1)
-    n = flat.shape[0]
-    c = chunks(n)
-    if c * chunk_size > n:
-      flat = jnp.pad(flat, (0, c * chunk_size - n))
-    rows = flat.reshape(c, chunk_size)
-    _, idx = lax.top_k(jnp.abs(rows), k)
-    vals = jnp.take_along_axis(rows, idx, axis=1).reshape(-1)
-    payload = {
-      "values": vals.astype(values_dtype(x.dtype)),
-      "indices": pack_fields(idx.reshape(-1), index_bits),
-    }
-    return payload, state
+    rows = to_chunks(x.reshape(-1), chunk_size)
+    return top_k_of_chunks(rows, k, values_dtype(x.dtype)), state
 
   def decode(payload, shape, dtype, state, key):
     del state, key
     n = numel(shape)
-    c = chunks(n)
-    idx = unpack_fields(payload["indices"], index_bits, c * k).astype(jnp.int32)
-    starts = jnp.arange(c, dtype=jnp.int32)[:, None] * chunk_size
-    pos = (idx.reshape(c, k) + starts).reshape(-1)
-    vals = payload["values"].astype(dtype)
-    out = jnp.zeros((c * chunk_size,), dtype).at[pos].set(vals, unique_indices=True)
-    return out[:n].reshape(shape)
+    c = chunk_count(n, chunk_size)
+    return from_top_k_of_chunks(payload, c, k, chunk_size, dtype)[:n].reshape(shape)
 
   def payload_bytes(shape, dtype):
-    m = chunks(numel(shape)) * k
-    return m * values_dtype(dtype).itemsize + packed_size(m, index_bits)
+    c = chunk_count(numel(shape), chunk_size)
+    return top_k_of_chunks_bytes(c, k, chunk_size, values_dtype(dtype).itemsize)
 
   return Compressor(
     name=call,

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from clipjax.compression._base import compute_dtype
+from clipjax.compression._base import check_unit, compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +98,23 @@ def no_feedback() -> Feedback:
   return Feedback("none", init, prepare, finish)
 
 
-def error_feedback() -> Feedback:
-  """Adds back what was not sent: compress ``a = g + e``, keep ``e = a - a_hat``.
+def error_feedback(decay: float = 1.0) -> Feedback:
+  """Adds back what was not sent: compress ``a = g + decay * e``, keep ``a - a_hat``.
 
   The residual is the rounded difference ``a - a_hat`` in the state's dtype, so
   ``a_hat + e == a`` holds bitwise whenever ``a_hat`` is 0 or within a factor 2
   of ``a`` elementwise (sparsifiers, casts, natural compression; Sterbenz's
   lemma), and to half an ulp of ``e`` otherwise.
+
+  With ``decay < 1`` the residual is a momentum that decays by ``decay`` each
+  step, from which each step sends what the compressor keeps: DeMo's
+  decoupled momentum (``m = beta * m + g``, send ``C(m)``, ``m -= C(m)``;
+  :func:`clipjax.distributed.demo`). ``decay=0`` keeps nothing.
+
+  Args:
+    decay: the factor the residual is multiplied by before the gradient is
+      added, a Python number in [0, 1]; 1 (the default) is plain error
+      feedback.
 
   Returns:
     A :class:`Feedback` whose state is the residual ``e``, zeros at first.
@@ -126,18 +136,35 @@ def error_feedback() -> Feedback:
     [ 0. -4.  0.  3.] [1. 0. 2. 0.] True
     [ 0. -4.  4.  0.] [2. 0. 0. 3.] True
 
+    With a decay, what waits fades: the 2 kept back at the first step is worth
+    ``0.25 * 2 + 2 = 2.5`` at the second (4 without the decay), too little to
+    be sent ahead of the 3.
+
+    >>> fb = compression.error_feedback(decay=0.25)
+    >>> e = fb.init(g, False)
+    >>> for _ in range(2):
+    ...   a_hat, _, _ = c.roundtrip(fb.prepare(g, e), (), None)  # C(g + e / 4)
+    ...   update, e, _ = fb.finish(g, e, a_hat, a_hat)
+    ...   print(update, e)
+    [ 0. -4.  0.  3.] [1. 0. 2. 0.]
+    [ 0. -4.  0.  3.] [1.25 0.   2.5  0.  ]
+
   References:
     Seide et al., 1-bit stochastic gradient descent and its application to
     data-parallel distributed training of speech DNNs, 2014; Stich, Cordonnier
     and Jaggi, `Sparsified SGD with memory <https://arxiv.org/abs/1809.07599>`_,
-    2018.
+    2018; Peng, Quesnelle and Kingma, `DeMo: decoupled momentum optimization
+    <https://arxiv.org/abs/2411.19870>`_, 2024.
   """
+  decay = check_unit("error_feedback", "decay", decay)
 
   def init(leaf, distributed):
     del distributed
     return _zeros(leaf)
 
   def corrected(g, e):
+    if decay != 1.0:
+      e = decay * e
     return _wide(g) + e
 
   def prepare(g, e):
@@ -266,3 +293,26 @@ FEEDBACKS: dict[str | None, Callable[[], Feedback]] = {
   "ef21": ef21,
   None: no_feedback,
 }
+"""The feedbacks a transformation's ``feedback=`` names, by name."""
+
+
+def resolve_feedback(call: str, feedback: Any) -> Feedback:
+  """``feedback=`` as a :class:`Feedback`: one given, or one named in
+  :data:`FEEDBACKS` (``"error_feedback"``, ``"ef21"``, ``None``).
+
+  Raises ``TypeError`` for anything else that is not a string, ``ValueError``
+  for a string that names no feedback; both name ``call`` and the value.
+  """
+  if isinstance(feedback, Feedback):
+    return feedback
+  names = tuple(FEEDBACKS)
+  if feedback is not None and not isinstance(feedback, str):
+    raise TypeError(
+      f"{call}(feedback={feedback!r}) must be a Feedback (e.g."
+      f" compression.error_feedback(decay=0.9)) or one of {names}."
+    )
+  if feedback not in FEEDBACKS:
+    raise ValueError(
+      f"{call}(feedback={feedback!r}) must be one of {names} or a Feedback."
+    )
+  return FEEDBACKS[feedback]()

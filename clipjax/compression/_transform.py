@@ -15,8 +15,8 @@ from clipjax import _norms
 from clipjax._checks import check_stacked_fits
 from clipjax._layout import Layout, Stacked
 from clipjax._stats import labelled
-from clipjax.compression._base import Compressor, check_choice, nbytes, wire
-from clipjax.compression._feedback import FEEDBACKS, Feedback
+from clipjax.compression._base import Compressor, nbytes, wire
+from clipjax.compression._feedback import Feedback, resolve_feedback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,7 +476,7 @@ def staged_transform(
 def compress(
   compressor: Compressor,
   *,
-  feedback: str | None = "error_feedback",
+  feedback: str | Feedback | None = "error_feedback",
   key: Any = None,
 ) -> optax.GradientTransformation:
   """Compresses each leaf of the update and returns exactly what decoding gives.
@@ -495,10 +495,11 @@ def compress(
     compressor: a :class:`Compressor`, e.g. ``top_k(0.01)``.
     feedback: ``"error_feedback"`` (default: compress ``g + e``, keep the
       residual ``e``), ``"ef21"`` (compress the change of a running estimate),
-      or ``None``. Error feedback wants a contraction (top-k, sign, PowerSGD,
-      ``random_k(..., unbiased=False)``); unbiased compressors whose variance
-      exceeds the gradient's own (random-k scaled, TernGrad on large leaves)
-      can make the residual grow: use them without feedback.
+      ``None``, or a :class:`Feedback` (e.g. ``error_feedback(decay=0.999)``,
+      DeMo's decaying momentum). Error feedback wants a contraction (top-k,
+      sign, PowerSGD, ``random_k(..., unbiased=False)``); unbiased compressors
+      whose variance exceeds the gradient's own (random-k scaled, TernGrad on
+      large leaves) can make the residual grow: use them without feedback.
     key: the base PRNG key: ``None`` (seed 0), an int seed, or a key.
 
   Returns:
@@ -530,10 +531,8 @@ def compress(
   call = "compress"
   if not isinstance(compressor, Compressor):
     raise TypeError(f"{call}(compressor={compressor!r}) must be a Compressor.")
-  check_choice(call, "feedback", feedback, tuple(FEEDBACKS))
-  return staged_transform(
-    call, compressor.name, [compressor], None, FEEDBACKS[feedback](), key
-  )
+  fb = resolve_feedback(call, feedback)
+  return staged_transform(call, compressor.name, [compressor], None, fb, key)
 
 
 def compression_stats(opt_state: Any) -> dict[str, jax.Array]:
