@@ -801,8 +801,11 @@ def test_compressors_under_vmap_match_a_loop():
     state = c.init(SHAPE, F32)
     one = jax.jit(lambda x, c=c, s=state: c.roundtrip(x, s, KEY)[:2])
     batched, payloads = jax.jit(jax.vmap(one))(xs)
+    # PowerSGD's products batch into one dot_general under vmap, whose sums
+    # may round differently by an ulp; the others are elementwise and exact.
+    tol = {"rtol": 1e-5, "atol": 1e-6} if name == "powersgd" else {"rtol": 0.0}
     for i in range(3):
-      chex.assert_trees_all_close(batched[i], one(xs[i])[0])
+      chex.assert_trees_all_close(batched[i], one(xs[i])[0], **tol)
       if name == "top_k_sampled":
         _assert_sampled(jax.tree.map(lambda t, i=i: t[i], payloads), xs[i].size)
 
