@@ -24,7 +24,7 @@ from clipjax._stats import labelled
 from clipjax.compression import _exchange, _transform
 from clipjax.compression._base import Compressor, check_choice, check_int
 from clipjax.compression._compressors import cast
-from clipjax.compression._feedback import FEEDBACKS
+from clipjax.compression._feedback import Feedback, resolve_feedback
 
 _CALL = "diloco"
 
@@ -236,7 +236,7 @@ def diloco(
   sync_every: int,
   axis_name: Any,
   compressor: Compressor | None = None,
-  feedback: str | None = "error_feedback",
+  feedback: str | Feedback | None = "error_feedback",
   fragments: int = 1,
   key: Any = None,
   exchange: str = "auto",
@@ -296,8 +296,10 @@ def diloco(
     axis_name: the mesh axis of the workers.
     compressor: ``None`` (a plain ``pmean`` of the pseudo-gradient in its
       dtype) or a :class:`~clipjax.compression.Compressor`.
-    feedback: ``"error_feedback"`` (default), ``"ef21"`` or ``None``: the
-      compressor's feedback, as in ``compressed_mean``; unused without one.
+    feedback: ``"error_feedback"`` (default), ``"ef21"``, ``None`` or a
+      :class:`~clipjax.compression.Feedback` (e.g. ``error_feedback(decay=
+      0.9)``): the compressor's feedback, as in ``compressed_mean``; unused
+      without one.
     fragments: ``F``, an int from 1 to ``sync_every`` and at most the number
       of leaves (checked by ``init``).
     key: the base PRNG key of the compressor (``None`` is seed 0), the same on
@@ -365,7 +367,7 @@ def diloco(
     )
   if compressor is not None and not isinstance(compressor, Compressor):
     raise TypeError(f"{_CALL}(compressor={compressor!r}) must be a Compressor or None.")
-  check_choice(_CALL, "feedback", feedback, tuple(FEEDBACKS))
+  fb = resolve_feedback(_CALL, feedback)
   base_key = _transform.key_data(_CALL, key)
   offset = sync_every // fragments
 
@@ -379,7 +381,7 @@ def diloco(
           compressor.name,
           [compressor],
           None,
-          FEEDBACKS[feedback](),
+          fb,
           base_key if f == 0 else jax.random.fold_in(base_key, f),
           exchange=lambda c: _exchange.leaf_exchange(c, axis_name, how),
           dense_bytes=_exchange.dense_bytes(axis_name),

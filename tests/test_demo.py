@@ -149,9 +149,13 @@ def test_exact_bytes_match_the_payload_and_the_formula(
   assert (c.summable, c.stochastic, c.unbiased, c.reduce) == (False, False, False, None)
 
 
-def test_defaults_send_2_375_bytes_per_float32_element():
+def test_defaults_send_deMos_density():
   c = C.dct_top_k()
-  n = 64 * 1024
+  n = 128 * 1024
+  # One float32 value and one 7-bit frequency per chunk of 128 (0.78% of the
+  # coefficients, as DeMo's 32 of a 64 x 64 tile): 4 + 7/8 bytes.
+  assert c.payload_bytes((n,), F32) / n == (4 + 7 / 8) / 128
+  c = C.dct_top_k(32, chunk_size=64)
   # 32 float32 values and 32 six-bit frequencies per chunk of 64: 152 bytes.
   assert c.payload_bytes((n,), F32) / n == 152 / 64 == 2.375
 
@@ -346,7 +350,7 @@ def test_a_feedback_instance_is_accepted_and_bad_feedbacks_name_the_call():
 
 BAD = [
   (lambda: C.dct_top_k(0), r"dct_top_k\(k=0\) must be an int >= 1"),
-  (lambda: C.dct_top_k(65), r"dct_top_k\(k=65\) must be at most chunk_size=64"),
+  (lambda: C.dct_top_k(129), r"dct_top_k\(k=129\) must be at most chunk_size=128"),
   (lambda: C.dct_top_k(1, chunk_size=1), r"dct_top_k\(chunk_size=1\) must be an int"),
   (lambda: C.dct_top_k(2.0), r"dct_top_k\(k=2.0\) must be an int"),
   (lambda: C.dct_top_k(8, chunk_size=8192), r"dct_top_k\(chunk_size=8192\) must be at"),
@@ -358,7 +362,7 @@ BAD = [
   (lambda: distributed.demo(-0.1, axis_name="data"), r"demo\(learning_rate=-0.1\)"),
   (lambda: distributed.demo("0.1", axis_name="data"), r"demo\(learning_rate='0.1'\)"),
   (lambda: distributed.demo(0.1, axis_name="data", beta=2), r"demo\(beta=2\) must be"),
-  (lambda: distributed.demo(0.1, axis_name="d", k=65), r"demo\(k=65\) must be at most"),
+  (lambda: distributed.demo(0.1, axis_name="d", k=129), r"demo\(k=129\) must be at"),
   (lambda: distributed.demo(0.1, axis_name="d", chunk_size=0), r"demo\(chunk_size=0\)"),
   (
     lambda: distributed.demo(0.1, axis_name="d", weight_decay=-1.0),

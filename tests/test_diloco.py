@@ -251,14 +251,14 @@ def test_bytes_against_the_formula(compressor, fragments, payload):
   np.testing.assert_allclose(window / sync_every, per_step)
 
 
-def _top_k_mean_with_error_feedback(ratio):
-  """numpy: each worker sends top-k of pseudo + residual, keeps the rest."""
+def _top_k_mean_with_error_feedback(ratio, decay=1.0):
+  """numpy: each worker sends top-k of pseudo + decay * residual, keeps the rest."""
   residual = {}
 
   def exchange(f, j, pseudo):
     sent = []
     for i, x in enumerate(pseudo):
-      x = x + residual.get((i, j), 0.0)
+      x = x + decay * residual.get((i, j), 0.0)
       flat = x.ravel()
       k = max(1, math.ceil(round(ratio * flat.size, 6)))
       keep = np.argsort(-np.abs(flat), kind="stable")[:k]
@@ -272,11 +272,18 @@ def _top_k_mean_with_error_feedback(ratio):
   return exchange
 
 
-def test_top_k_pseudo_gradients_with_error_feedback_equal_the_simulation():
+@pytest.mark.parametrize(
+  ("feedback", "decay"),
+  [("error_feedback", 1.0), (compression.error_feedback(decay=0.5), 0.5)],
+)
+def test_top_k_pseudo_gradients_with_error_feedback_equal_the_simulation(
+  feedback, decay
+):
   sync_every, steps = 3, 10
-  tx = _tx(sync_every=sync_every, compressor=compression.top_k(0.25))
+  tx = _tx(sync_every=sync_every, compressor=compression.top_k(0.25), feedback=feedback)
   params, _, _ = run_on_mesh(tx, steps)
-  history = simulate(steps, sync_every, exchange=_top_k_mean_with_error_feedback(0.25))
+  exchange = _top_k_mean_with_error_feedback(0.25, decay)
+  history = simulate(steps, sync_every, exchange=exchange)
   for t in (2, 5, steps - 1):
     for device in (0, 4):
       for k in SHAPES:
@@ -359,6 +366,8 @@ def test_bad_arguments_name_diloco_the_argument_and_the_value():
     distributed.diloco(sgd, sgd, sync_every=4, axis_name="data", compressor="int8")
   with pytest.raises(ValueError, match=r"diloco\(feedback='momentum'\)"):
     distributed.diloco(sgd, sgd, sync_every=4, axis_name="data", feedback="momentum")
+  with pytest.raises(TypeError, match=r"diloco\(feedback=0.9\) must be a Feedback"):
+    distributed.diloco(sgd, sgd, sync_every=4, axis_name="data", feedback=0.9)
   with pytest.raises(ValueError, match=r"diloco\(exchange='gossip'\)"):
     distributed.diloco(
       sgd,

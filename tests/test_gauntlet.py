@@ -89,6 +89,21 @@ COMPRESSORS: dict[str, tuple[Callable[[], Any], bool]] = {
   "cast": (lambda: compression.cast(jnp.bfloat16), False),
   # min_compression_rate=1 compresses every (n, m) leaf with n, m >= 2.
   "powersgd": (lambda: compression.powersgd(1, min_compression_rate=1.0), True),
+  # The pseudo-gradient compressors, in chunks small enough to meet the short
+  # last chunk and the packed codes' tail in the gauntlet's leaves.
+  "quantize4": (lambda: compression.quantize(4, chunk_size=4), False),
+  "quantize2_stochastic": (
+    lambda: compression.quantize(2, chunk_size=3, rounding="stochastic"),
+    True,
+  ),
+  "float8": (lambda: compression.cast(jnp.float8_e4m3fn, chunk_size=4), False),
+  "chunked_top_k": (lambda: compression.chunked_top_k(1, chunk_size=4), False),
+  "sparseloco": (
+    lambda: compression.compose(
+      compression.chunked_top_k(2, chunk_size=8), values=compression.quantize(2)
+    ),
+    False,
+  ),
 }
 FEEDBACK_NAMES = {"error_feedback": "error_feedback", "ef21": "ef21", "none": None}
 for _c, (_make_c, _stoch) in COMPRESSORS.items():
