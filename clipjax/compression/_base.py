@@ -203,6 +203,25 @@ def check_float_dtype(call: str, name: str, dtype: Any) -> np.dtype:
   return resolved
 
 
+def values_dtype_of(call: str, value_dtype: Any) -> Callable[[Any], np.dtype]:
+  """``value_dtype=`` checked at construction: the function from a leaf's dtype
+  to the dtype its values travel in (the leaf's own when ``None``)."""
+  wire = (
+    None if value_dtype is None else check_float_dtype(call, "value_dtype", value_dtype)
+  )
+
+  def values_dtype(dtype: Any) -> np.dtype:
+    return jnp.dtype(dtype) if wire is None else wire
+
+  return values_dtype
+
+
+def stateless(shape: Shape, dtype: Any) -> tuple[()]:
+  """``init`` of a compressor that keeps no state."""
+  del shape, dtype
+  return ()
+
+
 def compute_dtype(dtype: Any) -> np.dtype:
   """float32 for half precision and float32, float64 for float64."""
   dtype = jnp.dtype(dtype)

@@ -15,7 +15,6 @@ from jax import lax
 from clipjax.compression._base import (
   Compressor,
   Payload,
-  Shape,
   check_choice,
   check_chunked_k,
   check_float_dtype,
@@ -33,20 +32,17 @@ from clipjax.compression._base import (
   packed_size,
   random_below,
   random_bits,
+  stateless,
   to_chunks,
   top_k_of_chunks,
   top_k_of_chunks_bytes,
   uniform01,
   unpack_bits,
   unpack_planar,
+  values_dtype_of,
 )
 
 _F32 = jnp.float32
-
-
-def _stateless(shape: Shape, dtype: Any) -> tuple[()]:
-  del shape, dtype
-  return ()
 
 
 # -- top-k -------------------------------------------------------------------------
@@ -162,13 +158,8 @@ def top_k(
   call = "top_k"
   ratio = check_ratio(call, ratio)
   check_choice(call, "selection", selection, ("exact", "sampled"))
-  wire = (
-    None if value_dtype is None else check_float_dtype(call, "value_dtype", value_dtype)
-  )
+  values_dtype = values_dtype_of(call, value_dtype)
   sampled = selection == "sampled"
-
-  def values_dtype(dtype: Any) -> Any:
-    return jnp.dtype(dtype) if wire is None else wire
 
   def encode(x, state, key):
     flat = x.reshape(-1)
@@ -197,7 +188,7 @@ def top_k(
 
   return Compressor(
     name=call,
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
@@ -258,12 +249,7 @@ def chunked_top_k(
   """
   call = "chunked_top_k"
   k, chunk_size = check_chunked_k(call, k, chunk_size)
-  wire = (
-    None if value_dtype is None else check_float_dtype(call, "value_dtype", value_dtype)
-  )
-
-  def values_dtype(dtype: Any) -> Any:
-    return jnp.dtype(dtype) if wire is None else wire
+  values_dtype = values_dtype_of(call, value_dtype)
 
   def encode(x, state, key):
     del key
@@ -282,7 +268,7 @@ def chunked_top_k(
 
   return Compressor(
     name=call,
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
@@ -367,7 +353,7 @@ def random_k(ratio: float, *, unbiased: bool = True) -> Compressor:
 
   return Compressor(
     name=call,
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
@@ -564,7 +550,7 @@ def _level_quantizer(
 
   return Compressor(
     name=name,
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
@@ -784,7 +770,7 @@ def terngrad() -> Compressor:
 
   return Compressor(
     name="terngrad",
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
@@ -839,7 +825,7 @@ def sign() -> Compressor:
 
   return Compressor(
     name="sign",
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
@@ -905,7 +891,7 @@ def natural() -> Compressor:
 
   return Compressor(
     name="natural",
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
@@ -999,7 +985,7 @@ def cast(dtype: Any, *, chunk_size: int | None = None) -> Compressor:
 
   return Compressor(
     name=f"cast_{wire.name}",
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
@@ -1057,7 +1043,7 @@ def _scaled_cast(wire: Any, chunk_size: int) -> Compressor:
 
   return Compressor(
     name=f"cast_{wire.name}_scaled",
-    init=_stateless,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,

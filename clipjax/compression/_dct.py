@@ -9,16 +9,16 @@ from jax import lax
 
 from clipjax.compression._base import (
   Compressor,
-  Shape,
   check_chunked_k,
-  check_float_dtype,
   chunk_count,
   compute_dtype,
   from_top_k_of_chunks,
   numel,
+  stateless,
   to_chunks,
   top_k_of_chunks,
   top_k_of_chunks_bytes,
+  values_dtype_of,
 )
 
 MAX_CHUNK = 4096
@@ -125,20 +125,11 @@ def dct_top_k(
       f"{call}(chunk_size={chunk_size!r}) must be at most {MAX_CHUNK}: the"
       f" transform is a chunk_size x chunk_size matrix held in the program."
     )
-  wire = (
-    None if value_dtype is None else check_float_dtype(call, "value_dtype", value_dtype)
-  )
+  values_dtype = values_dtype_of(call, value_dtype)
   basis = dct_matrix(chunk_size)
 
   def matrix(dtype: Any) -> jax.Array:
     return jnp.asarray(basis, compute_dtype(dtype))
-
-  def values_dtype(dtype: Any) -> Any:
-    return jnp.dtype(dtype) if wire is None else wire
-
-  def init(shape: Shape, dtype: Any) -> tuple[()]:
-    del shape, dtype
-    return ()
 
   def encode(x, state, key):
     del key
@@ -162,7 +153,7 @@ def dct_top_k(
 
   return Compressor(
     name=call,
-    init=init,
+    init=stateless,
     encode=encode,
     decode=decode,
     payload_bytes=payload_bytes,
