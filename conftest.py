@@ -24,3 +24,30 @@ def pytest_collection_finish(session):
       f"the suite needs 8 CPU devices, found {count}: a module imported during"
       " collection set jax_num_cpu_devices"
     )
+
+
+# Modules whose tests share a costly module-scoped fixture (an example or a
+# worker run in subprocesses, a documentation build): one pytest-xdist worker
+# runs each of them whole, so that the fixture runs once, not once per worker.
+# (xdist's own --dist loadgroup does not group under pytest 9.2: it renames
+# items through an attribute pytest no longer reads.)
+SHARED_FIXTURE_MODULES = frozenset(
+  f"tests/{name}.py"
+  for name in ("test_docs", "test_dp_digits", "test_low_communication", "test_resume")
+)
+
+
+def pytest_xdist_make_scheduler(config, log):
+  """Every test its own unit of work, as ``--dist load``, but the modules above."""
+  if config.getvalue("dist") != "load":
+    return None  # an explicit --dist (the comparison command's loadfile) as asked
+  from xdist.scheduler import LoadScopeScheduling
+
+  class Scheduler(LoadScopeScheduling):
+    # Units with more tests go first (xdist's reordering): these modules start
+    # at once instead of ending the run on one worker.
+    def _split_scope(self, nodeid: str) -> str:
+      module = nodeid.split("::", 1)[0]
+      return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+  return Scheduler(config, log)

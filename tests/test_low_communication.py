@@ -81,9 +81,13 @@ def test_bytes_follow_the_formula(quick):
 
 def test_two_processes_agree_with_each_other_and_with_one(quick, tmp_path):
   _, one, _ = quick
-  configs = "data_parallel,streaming_4bit"
-  stdout, rows = _run(tmp_path / "two.json", "--processes", "2", "--configs", configs)
+  # Streaming DiLoCo: local steps, staggered fragments and a compressed
+  # reduce-scatter with error feedback, all across the process boundary.
+  stdout, rows = _run(
+    tmp_path / "two.json", "--processes", "2", "--configs", "streaming_4bit"
+  )
   assert "params identical on all 2 processes: True" in stdout
+  assert [r["config"] for r in rows] == ["streaming_4bit"]
   for r in rows:
     assert r["devices"] == 8 and r["processes"] == 2
     ref = one[r["config"]]
