@@ -43,9 +43,11 @@ def pytest_xdist_make_scheduler(config, log):
     return None  # an explicit --dist (the comparison command's loadfile) as asked
   from xdist.scheduler import LoadScopeScheduling
 
+  # In collection order, as --dist load: xdist's reordering would start all of
+  # these modules' subprocess runs together, contending for the two cores.
+  config.option.loadscopereorder = False
+
   class Scheduler(LoadScopeScheduling):
-    # Units with more tests go first (xdist's reordering): these modules start
-    # at once instead of ending the run on one worker.
     def _split_scope(self, nodeid: str) -> str:
       module = nodeid.split("::", 1)[0]
       return module if module in SHARED_FIXTURE_MODULES else nodeid
