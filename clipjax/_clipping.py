@@ -260,9 +260,7 @@ def clip(
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
-  def smallest_factor(x, peak, d, delta):
-    if not delta_shape:  # the largest element got the smallest factor
-      return _norms.clip_scale(peak, delta, checked=True)
+  def smallest_factor(x, peak, d):  # of an array bound's element-wise factors
     factors = _norms.clip_scale(jnp.abs(x).astype(peak.dtype), d)
     return jnp.min(factors, initial=1.0)
 
@@ -274,21 +272,33 @@ def clip(
     leaves, treedef = jax.tree.flatten(updates)
     delta, deltas = bounds(leaves)
     new = clipped(leaves, deltas)
-    peaks, counts, scales = [], [], []
-    for x, d in zip(leaves, deltas, strict=True):
-      peak, count = _norms.peak_and_count(x, d)
-      peaks.append(peak)
-      counts.append(count.astype(jnp.float32))
-      scales.append(smallest_factor(x, peak, d, delta))
+    pieces = _norms.peaks_and_counts(leaves, deltas)
     total = sum(int(x.size) for x in leaves)
     if total:
-      fraction = jnp.sum(jnp.stack(counts)) / total
+      sums = [jnp.sum(c, dtype=jnp.float32) for _, _, c in pieces]
+      fraction = functools.reduce(jnp.add, sums) / total
     else:
       fraction = jnp.zeros((), jnp.float32)
     fields = StackedStats(leaves, [None] * len(leaves), treedef)
-    peaks = fields.wrap(fields.stack(peaks))
+    peak_of = [(idx, p) for idx, p, _ in pieces]
+    stacked_peaks = [
+      _norms.in_leaf_order(peak_of, idx).astype(fields.layout.group_dtype(g))
+      for g, idx in enumerate(fields.layout.groups)
+    ]
+    if delta_shape:
+      peaks = [
+        stacked_peaks[g][j]
+        for g, idx in enumerate(fields.layout.groups)
+        for j in range(len(idx))
+      ]
+      order = [i for idx in fields.layout.groups for i in idx]
+      peak = dict(zip(order, peaks, strict=True))
+      each = zip(leaves, [peak[i] for i in range(len(leaves))], deltas, strict=True)
+      scales = fields.stack([smallest_factor(x, p, d) for x, p, d in each])
+    else:  # the largest element got the smallest factor: one clip_scale a group
+      scales = [_norms.clip_scale(p, delta, checked=True) for p in stacked_peaks]
     stats = make_stats(
-      "clip", peaks, fields.wrap(fields.stack(scales)), delta, fraction
+      "clip", fields.wrap(stacked_peaks), fields.wrap(scales), delta, fraction
     )
     return jax.tree.unflatten(treedef, new), stats
 

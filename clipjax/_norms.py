@@ -427,6 +427,26 @@ def global_norm(tree: Any, *, axis_name: Any = None) -> jax.Array:
   return block_norms(leaves, [None] * len(leaves), combine=True)[0]
 
 
+def _max_and_sum(a, b):
+  # Module level, so that lax.reduce's traced reducer is cached across leaves.
+  return lax.max(a[0], b[0]), lax.add(a[1], b[1])
+
+
+def _reduce_peak_and_count(x: jax.Array, bound: Any, rows_first: bool, axes: tuple):
+  acc = accumulation_dtype(x.dtype)
+  mag = lax.abs(x)
+  over = lax.convert_element_type(lax.gt(mag, _like(bound, mag)), jnp.int32)
+  init = (np.zeros((), acc), np.zeros((), np.int32))
+  operands = (lax.convert_element_type(mag, acc), over)
+  if not rows_first:
+    return lax.reduce(operands, init, _max_and_sum, axes)
+  # Rows first, then the row results: XLA:CPU splits a reduction to a vector
+  # across its threads, but runs a reduction to a scalar on one.
+  as_rows = tuple(o.reshape(x.shape[0], -1) for o in operands)
+  rows = lax.reduce(as_rows, init, _max_and_sum, (1,))
+  return lax.reduce(rows, init, _max_and_sum, (0,))
+
+
 def peak_and_count(x: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``max(|x|)`` and the number of elements with ``|x| > bound``, in one pass.
 
@@ -447,24 +467,83 @@ def peak_and_count(x: jax.Array, bound: jax.Array) -> tuple[jax.Array, jax.Array
     >>> print(peak, count)
     3.0 2
   """
-  acc = accumulation_dtype(x.dtype)
-  mag = jnp.abs(x)
-  over = mag > bound
   if x.size >= 2**31:
-    return jnp.max(mag, initial=0).astype(acc), jnp.sum(over, dtype=jnp.float32)
+    acc = accumulation_dtype(x.dtype)
+    mag = jnp.abs(x)
+    return jnp.max(mag, initial=0).astype(acc), jnp.sum(mag > bound, dtype=jnp.float32)
+  rows_first = x.ndim >= 2 and x.size > 0
+  return _reduce_peak_and_count(x, bound, rows_first, tuple(range(x.ndim)))
 
-  def combine(a, b):
-    return jnp.maximum(a[0], b[0]), a[1] + b[1]
 
-  init = (jnp.zeros((), acc), jnp.zeros((), jnp.int32))
-  operands = (mag.astype(acc), over.astype(jnp.int32))
-  if x.ndim < 2 or x.size == 0:
-    return lax.reduce(operands, init, combine, tuple(range(x.ndim)))
-  # Rows first, then the row results: XLA:CPU splits a reduction to a vector
-  # across its threads, but runs a reduction to a scalar on one.
-  as_rows = (operands[0].reshape(x.shape[0], -1), operands[1].reshape(x.shape[0], -1))
-  rows = lax.reduce(as_rows, init, combine, (1,))
-  return lax.reduce(rows, init, combine, (0,))
+# Leaves of at most this many elements are stacked by shape and dtype for
+# peaks_and_counts: one reduction per group instead of one per leaf. Copying
+# them costs little; copying large leaves would cost a whole extra pass.
+SMALL_LEAF = 1 << 16
+
+
+def peaks_and_counts(
+  leaves: Sequence[jax.Array], bounds: Sequence[Any]
+) -> list[tuple[tuple[int, ...], jax.Array, jax.Array]]:
+  """:func:`peak_and_count` of every leaf, small leaves stacked by group.
+
+  ``bounds[i]`` bounds leaf ``i`` (a scalar, or an array that broadcasts to
+  its shape) and must be the same for leaves of one shape and dtype. Leaves
+  of equal shape and dtype with at most ``SMALL_LEAF`` elements go through one
+  variadic reduction over their stack, so that a transformer's hundreds of
+  small leaves (biases, norm scales, the kernels of narrow models) make about
+  ten reductions, not hundreds, for XLA to compile; each leaf's result is
+  exactly its own.
+
+  Returns:
+    Pieces ``(indices, peaks, counts)`` that cover every leaf once: the
+    leaves' indices and their peaks (accumulation dtype) and counts (int32;
+    float32 for a leaf of 2**31 elements or more), as vectors. Read them in
+    leaf order with :func:`in_leaf_order`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from clipjax._norms import in_leaf_order, peaks_and_counts
+    >>> xs = [jnp.array([-3.0, 0.5]), jnp.ones((2, 2)), jnp.array([0.25, 2.0])]
+    >>> pieces = peaks_and_counts(xs, [jnp.array(1.0)] * 3)
+    >>> [idx for idx, _, _ in pieces]
+    [(0, 2), (1,)]
+    >>> print(in_leaf_order([(i, p) for i, p, _ in pieces], range(3)))
+    [3. 1. 2.]
+  """
+  pieces: list[tuple[tuple[int, ...], jax.Array, jax.Array]] = []
+  grouped = Layout.of(list(leaves)).groups
+  empty = set(range(len(leaves))).difference(*grouped)
+  for idx in (*grouped, *((i,) for i in sorted(empty))):
+    x = leaves[idx[0]]
+    if len(idx) == 1 or x.size > SMALL_LEAF:
+      for i in idx:
+        peak, count = peak_and_count(leaves[i], bounds[i])
+        pieces.append(((i,), peak.reshape(1), count.reshape(1)))
+      continue
+    stack = jnp.stack([leaves[i] for i in idx])
+    axes = tuple(range(1, stack.ndim))
+    peak, count = _reduce_peak_and_count(stack, bounds[idx[0]], False, axes)
+    pieces.append((idx, peak, count))
+  return pieces
+
+
+def in_leaf_order(pieces: Sequence[tuple[tuple[int, ...], Any]], order: Any) -> Any:
+  """The values of the leaves in ``order``, one vector, from per-piece vectors.
+
+  ``pieces`` hold ``(indices, values)``: a vector of values for those leaves.
+  One concatenation and, unless the pieces are in order already, one gather
+  by a constant permutation, however many leaves there are.
+  """
+  order = list(order)
+  wanted = set(order)
+  used = [(idx, v) for idx, v in pieces if wanted.intersection(idx)]
+  at = {i: n for n, i in enumerate(i for idx, _ in used for i in idx)}
+  values = [v for _, v in used]
+  joined = values[0] if len(values) == 1 else jnp.concatenate(values)
+  perm = [at[i] for i in order]
+  if perm == list(range(joined.shape[0])):
+    return joined
+  return jnp.take(joined, np.asarray(perm, np.int32), unique_indices=True)
 
 
 def normalize_axes(call: str, x: jax.Array, axis: AxisSpec) -> Axes:
