@@ -260,8 +260,9 @@ def clip(
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
-  def smallest_factor(x, peak, d):  # of an array bound's element-wise factors
-    factors = _norms.clip_scale(jnp.abs(x).astype(peak.dtype), d)
+  def smallest_factor(x, d):  # of an array bound's element-wise factors
+    acc = _norms.accumulation_dtype(x.dtype)
+    factors = _norms.clip_scale(jnp.abs(x).astype(acc), d)
     return jnp.min(factors, initial=1.0)
 
   def apply(updates, params):
@@ -286,15 +287,8 @@ def clip(
       for g, idx in enumerate(fields.layout.groups)
     ]
     if delta_shape:
-      peaks = [
-        stacked_peaks[g][j]
-        for g, idx in enumerate(fields.layout.groups)
-        for j in range(len(idx))
-      ]
-      order = [i for idx in fields.layout.groups for i in idx]
-      peak = dict(zip(order, peaks, strict=True))
-      each = zip(leaves, [peak[i] for i in range(len(leaves))], deltas, strict=True)
-      scales = fields.stack([smallest_factor(x, p, d) for x, p, d in each])
+      each = zip(leaves, deltas, strict=True)
+      scales = fields.stack([smallest_factor(x, d) for x, d in each])
     else:  # the largest element got the smallest factor: one clip_scale a group
       scales = [_norms.clip_scale(p, delta, checked=True) for p in stacked_peaks]
     stats = make_stats(

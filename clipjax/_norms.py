@@ -511,9 +511,7 @@ def peaks_and_counts(
     [3. 1. 2.]
   """
   pieces: list[tuple[tuple[int, ...], jax.Array, jax.Array]] = []
-  grouped = Layout.of(list(leaves)).groups
-  empty = set(range(len(leaves))).difference(*grouped)
-  for idx in (*grouped, *((i,) for i in sorted(empty))):
+  for idx in Layout.of(list(leaves), keep_empty=True).groups:
     x = leaves[idx[0]]
     if len(idx) == 1 or x.size > SMALL_LEAF:
       for i in idx:
